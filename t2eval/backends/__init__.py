@@ -1,0 +1,1 @@
+"""Generation backends (HF transformers, vLLM) behind one small interface (see base.py)."""
