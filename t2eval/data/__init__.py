@@ -1,0 +1,56 @@
+"""Canonical datasets: `t2eval prepare-data` writes `data/<dataset>/<split>.jsonl` + `data/manifest.json`
+(see `datasets.py`); `splits.py` turns them into the protocol's train/valid/test/few-shot splits.
+
+    load_jsonl("gsm8k", "test")          # rows of data/gsm8k/test.jsonl
+    manifest()                           # data/manifest.json as a dict
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import MissingDatasetError, T2EvalError
+
+__all__ = ["load_jsonl", "manifest", "dataset_path"]
+
+
+def _data_dir(data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is None:
+        from ..config import default_data_dir
+
+        return default_data_dir()
+    return Path(data_dir)
+
+
+def dataset_path(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> Path:
+    return _data_dir(data_dir) / dataset / f"{split}.jsonl"
+
+
+def load_jsonl(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Rows of the canonical file `<data_dir>/<dataset>/<split>.jsonl`, in file order."""
+    from .datasets import read_jsonl_rows
+
+    p = dataset_path(dataset, split, data_dir)
+    if not p.is_file():
+        d = _data_dir(data_dir)
+        raise MissingDatasetError(
+            f"{p} does not exist: the {dataset}/{split} split has not been prepared in {d}. Run "
+            f"`t2eval prepare-data --out {d} --mirror DIR` (or set T2EVAL_DATA_MIRROR, or allow hub access), "
+            "or point T2EVAL_DATA_DIR / data_dir at a prepared data directory")
+    return [row for _, row in read_jsonl_rows(p)]
+
+
+def manifest(data_dir: str | os.PathLike | None = None) -> dict:
+    """`<data_dir>/manifest.json` ({"datasets": {name: {split: {path, rows, sha256, source, version}}}})."""
+    import json
+
+    d = _data_dir(data_dir)
+    p = d / "manifest.json"
+    if not p.is_file():
+        raise MissingDatasetError(f"{p} does not exist: run `t2eval prepare-data --out {d}` first")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise T2EvalError(f"{p}:{e.lineno}: corrupt manifest ({e.msg}); re-run "
+                          f"`t2eval prepare-data --out {d} --force`") from None

@@ -1,0 +1,53 @@
+"""`t2eval prepare-data`: materialise every dataset split as canonical JSONL + data/manifest.json."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mirror", default=None,
+                   help="local dataset mirror directory (default: $T2EVAL_DATA_MIRROR, then the config's "
+                        "`mirror:`, then the Hugging Face hub / evalplus downloads)")
+    p.add_argument("--out", default=None, help="output data directory (default: $T2EVAL_DATA_DIR or data/)")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated subset (default: all): gsm8k,arc_easy,arc_challenge,math,humaneval,"
+                        "humanevalplus,mbppplus,mbpp")
+    p.add_argument("--force", action="store_true", help="rewrite files even when they match the manifest")
+    p.add_argument("--config", default=None, help="YAML config; its `mirror:` (or `data: {mirror:}`) is used "
+                                                  "when neither --mirror nor $T2EVAL_DATA_MIRROR is set")
+    p.add_argument("--mbppplus-version", default=None,
+                   help="MBPP+ release to use when several are available, e.g. v0.1.0 (399) or v0.2.0 (378)")
+    p.add_argument("--humanevalplus-version", default=None, help="HumanEval+ release, e.g. v0.1.10")
+
+
+def _config_mirror(path: str | None) -> str | None:
+    if not path:
+        return None
+    from ..config import load_yaml
+
+    cfg = load_yaml(path) or {}
+    if not isinstance(cfg, dict):
+        return None
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    return cfg.get("mirror") or data.get("mirror")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import default_data_dir
+    from .datasets import SPECS, prepare_data
+
+    out = args.out or default_data_dir()
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()] if args.datasets else None
+    t0 = time.perf_counter()
+    man = prepare_data(out, mirror=args.mirror, datasets=names, force=args.force,
+                       config_mirror=_config_mirror(args.config), mbppplus_version=args.mbppplus_version,
+                       humanevalplus_version=args.humanevalplus_version)
+    dt = time.perf_counter() - t0
+    for name in names or SPECS:
+        for split, e in man["datasets"].get(name, {}).items():
+            ver = f" {e['version']}" if e.get("version") and not str(e["version"]).startswith("sha256:") else ""
+            print(f"{name:>14}/{split:<10} {e['rows']:>6} rows  {e['path']}{ver}")
+    print(f"prepare-data: {out}/manifest.json ({dt:.1f}s)")
+    return 0

@@ -1,0 +1,538 @@
+"""Materialise every dataset split the protocol needs as canonical JSONL + a manifest.
+
+`prepare_data(out, mirror=..., datasets=..., force=...)` writes `out/<dataset>/<split>.jsonl`
+(one JSON object per line, the source fields kept as they are, in source order) and
+`out/manifest.json`::
+
+    {"datasets": {name: {split: {"path", "rows", "sha256", "source", "version"}}}, "provenance": {...}}
+
+Sources, in order: a local mirror directory (``--mirror DIR``, env ``T2EVAL_DATA_MIRROR`` or a
+``mirror:`` config value; layout in `MIRROR_LAYOUT`), then the network (Hugging Face hub via
+``datasets.load_dataset``; HumanEval+/MBPP+ via the evalplus package's release files). With
+``HF_HUB_OFFLINE=1`` (or ``HF_DATASETS_OFFLINE=1``) the network is not tried at all, so a missing
+dataset fails at once with a `MissingDatasetError` that names both remedies.
+
+Every source is validated before anything is written: required fields and types per row (a bad
+row is reported as ``file:line: reason``), unique ids, and the known row count per split
+(reported with the file, the expected and the found count). Writes are atomic (temp + rename)
+and the manifest is updated after each dataset, so an interrupted run keeps what it finished;
+a dataset whose files already match the manifest is skipped unless ``force``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..config import DATA_MIRROR_ENV
+from ..errors import MissingDatasetError, T2EvalError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+# MBPP+ release -> problem count (evalplus). Unknown releases are accepted without a count check.
+MBPPPLUS_COUNTS = {"v0.1.0": 399, "v0.2.0": 378}
+HUMANEVALPLUS_COUNTS = {"v0.1.9": 164, "v0.1.10": 164}
+# upstream MBPP task_id ranges (google-research mbpp README)
+MBPP_RANGES = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
+                 "number_theory", "prealgebra", "precalculus")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    splits: tuple[str, ...]
+    required: dict[str, type]           # field -> type every row must have
+    counts: dict[str, int]              # split -> known row count (versioned datasets: see counts_for)
+    id_field: str | None                # must be unique within a split when set
+    layout: str                         # expected mirror layout (for error messages)
+    hub: str                            # where the network fallback gets it (for error messages)
+    check: Callable[[dict], str | None] | None = None  # extra per-row check -> reason or None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_gsm8k(row: dict) -> str | None:
+    return None if "####" in row["answer"] else "field 'answer' has no '#### <final answer>' marker"
+
+
+def _check_arc(row: dict) -> str | None:
+    ch = row["choices"]
+    if not isinstance(ch, dict) or not isinstance(ch.get("text"), list) or not isinstance(ch.get("label"), list):
+        return "field 'choices' must be an object with lists 'text' and 'label'"
+    if len(ch["text"]) != len(ch["label"]) or len(ch["text"]) < 2:
+        return f"'choices' has {len(ch['text'])} texts and {len(ch['label'])} labels (need equal, >= 2)"
+    if row["answerKey"] not in ch["label"]:
+        return f"answerKey {row['answerKey']!r} is not one of the labels {ch['label']}"
+    return None
+
+
+def _check_mbpp(row: dict) -> str | None:
+    return None if row["test_list"] else "field 'test_list' is empty"
+
+
+_ARC_FIELDS = {"id": str, "question": str, "choices": dict, "answerKey": str}
+_CODE_FIELDS = {"task_id": str, "prompt": str, "entry_point": str, "canonical_solution": str}
+
+SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
+    DatasetSpec("gsm8k", ("train", "test"), {"question": str, "answer": str}, {"train": 7473, "test": 1319},
+                None, "gsm8k/{train,test}.jsonl (fields question, answer)",
+                "hub openai/gsm8k, config main", _check_gsm8k),
+    DatasetSpec("arc_easy", ("train", "validation", "test"), _ARC_FIELDS,
+                {"train": 2251, "validation": 570, "test": 2376}, "id",
+                "arc_easy/{train,validation,test}.jsonl (fields id, question, choices{text,label}, answerKey)",
+                "hub allenai/ai2_arc, config ARC-Easy", _check_arc),
+    DatasetSpec("arc_challenge", ("test",), _ARC_FIELDS, {"test": 1172}, "id",
+                "arc_challenge/test.jsonl (fields id, question, choices{text,label}, answerKey)",
+                "hub allenai/ai2_arc, config ARC-Challenge", _check_arc),
+    DatasetSpec("math", ("train", "test", "math500"), {"problem": str, "solution": str},
+                {"train": 7500, "test": 5000, "math500": 500}, "unique_id",
+                "math/{train,test}.jsonl (fields problem, level, type, solution) and math/math500_test.jsonl "
+                "(fields problem, solution, answer, unique_id)",
+                "hub EleutherAI/hendrycks_math (all subject configs) and HuggingFaceH4/MATH-500"),
+    DatasetSpec("humaneval", ("test",), {**_CODE_FIELDS, "test": str}, {"test": 164}, "task_id",
+                "humaneval/HumanEval.jsonl[.gz] (fields task_id, prompt, entry_point, canonical_solution, test)",
+                "hub openai/openai_humaneval"),
+    DatasetSpec("humanevalplus", ("test",), {**_CODE_FIELDS, "test": str, "base_input": list}, {}, "task_id",
+                "humanevalplus/HumanEvalPlus-v<version>.jsonl[.gz] (evalplus release file)",
+                "the evalplus package (downloads the HumanEval+ release from GitHub)"),
+    DatasetSpec("mbppplus", ("test",), {**_CODE_FIELDS, "base_input": list}, {}, "task_id",
+                "mbppplus/MbppPlus-v<version>.jsonl[.gz] (evalplus release file)",
+                "the evalplus package (downloads the MBPP+ release from GitHub)"),
+    DatasetSpec("mbpp", ("train", "validation", "test", "prompt"),
+                {"task_id": int, "text": str, "code": str, "test_list": list},
+                {s: b - a + 1 for s, (a, b) in MBPP_RANGES.items()}, "task_id",
+                "mbpp/mbpp.jsonl (all 974 problems; split by task_id 1-10 prompt, 11-510 test, "
+                "511-600 validation, 601-974 train) or mbpp/{train,validation,test,prompt}.jsonl",
+                "hub google-research-datasets/mbpp, config full", _check_mbpp),
+)}
+DATASETS: tuple[str, ...] = tuple(SPECS)
+
+
+@dataclass
+class SplitSource:
+    """Rows of one split as read from a source, before validation."""
+    rows: list[tuple[int, dict]]   # (line number or row index, row)
+    where: str                     # file path or hub description, used in messages
+    source: str                    # manifest "source"
+    version: str | None            # manifest "version"
+    is_file: bool = True           # `where` is a file (messages use file:line) or a hub split (row N)
+
+
+# --------------------------------------------------------------------------- reading files
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_jsonl_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) per non-empty line; a malformed line raises `T2EvalError` as file:line."""
+    p = Path(path)
+    out = []
+    try:
+        with _open_text(p) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise T2EvalError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno}); "
+                                      "fix or replace the file") from None
+                if not isinstance(obj, dict):
+                    raise T2EvalError(f"{p}:{n}: expected a JSON object, found {type(obj).__name__}")
+                out.append((n, obj))
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise T2EvalError(f"{p}: cannot read ({e}); replace the file") from None
+    return out
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _mirror_file(path: Path) -> SplitSource:
+    return SplitSource(read_jsonl_rows(path), str(path), f"mirror:{path}", f"sha256:{_file_sha256(path)[:16]}")
+
+
+def _first_existing(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.is_file()), None)
+
+
+def _version_key(v: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else x for x in re.split(r"[.\-]", v.lstrip("v")))
+
+
+def _evalplus_file(d: Path, stem: str, want: str | None) -> tuple[Path, str] | None:
+    """The release file `<stem>-v<version>.jsonl[.gz]` (or unversioned `<stem>.jsonl[.gz]`) in d."""
+    found: dict[str, Path] = {}
+    for p in sorted(d.glob(f"{stem}*.jsonl*")) if d.is_dir() else []:
+        m = re.fullmatch(re.escape(stem) + r"(?:-(v[0-9][\w.]*?))?\.jsonl(?:\.gz)?", p.name)
+        if m:
+            found.setdefault(m.group(1) or "unknown", p)
+    if not found:
+        return None
+    if want is not None:
+        if want not in found:
+            raise T2EvalError(f"{d}: no {stem} release {want} (found {', '.join(sorted(found))}); "
+                              f"add {stem}-{want}.jsonl.gz there or choose another version")
+        return found[want], want
+    versioned = sorted((v for v in found if v != "unknown"), key=_version_key)
+    v = versioned[-1] if versioned else "unknown"
+    if len(found) > 1:
+        log.info("%s: several %s releases (%s); using %s", d, stem, ", ".join(sorted(found)), v)
+    return found[v], v
+
+
+# --------------------------------------------------------------------------- mirror readers
+# Each returns {split: SplitSource} or raises _Missing(list of expected paths).
+
+class _Missing(Exception):
+    def __init__(self, expected: list[str]):
+        super().__init__(", ".join(expected))
+        self.expected = expected
+
+
+def _mirror_plain(mirror: Path, name: str, files: dict[str, str]) -> dict[str, SplitSource]:
+    paths = {s: mirror / name / f for s, f in files.items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise _Missing(missing)
+    return {s: _mirror_file(p) for s, p in paths.items()}
+
+
+def _mirror_humaneval(mirror: Path, opts: dict) -> dict[str, SplitSource]:
+    d = mirror / "humaneval"
+    p = _first_existing(d / "HumanEval.jsonl.gz", d / "HumanEval.jsonl", d / "test.jsonl")
+    if p is None:
+        raise _Missing([str(d / "HumanEval.jsonl.gz")])
+    return {"test": _mirror_file(p)}
+
+
+def _mirror_evalplus(mirror: Path, name: str, stem: str, want: str | None) -> dict[str, SplitSource]:
+    d = mirror / name
+    hit = _evalplus_file(d, stem, want)
+    if hit is None:
+        raise _Missing([str(d / f"{stem}-v<version>.jsonl.gz")])
+    path, version = hit
+    src = _mirror_file(path)
+    src.version = version
+    return {"test": src}
+
+
+def _mirror_mbpp(mirror: Path, opts: dict) -> dict[str, SplitSource]:
+    d = mirror / "mbpp"
+    full = _first_existing(d / "mbpp.jsonl", d / "mbpp.jsonl.gz")
+    if full is None:
+        try:
+            return _mirror_plain(mirror, "mbpp", {s: f"{s}.jsonl" for s in MBPP_RANGES})
+        except _Missing:
+            raise _Missing([str(d / "mbpp.jsonl")]) from None
+    allsrc = _mirror_file(full)
+    out = {}
+    for split, (a, b) in MBPP_RANGES.items():
+        rows = [(n, r) for n, r in allsrc.rows if isinstance(r.get("task_id"), int) and a <= r["task_id"] <= b]
+        rows.sort(key=lambda nr: nr[1]["task_id"])
+        out[split] = SplitSource(rows, str(full), f"{allsrc.source} (task_id {a}-{b})", allsrc.version)
+    bad = [(n, r) for n, r in allsrc.rows if not isinstance(r.get("task_id"), int)]
+    if bad:
+        n, r = bad[0]
+        raise T2EvalError(f"{full}:{n}: field 'task_id' must be an integer, found {r.get('task_id')!r}")
+    return out
+
+
+def _mirror_math(mirror: Path, opts: dict) -> dict[str, SplitSource]:
+    return _mirror_plain(mirror, "math", {"train": "train.jsonl", "test": "test.jsonl",
+                                          "math500": "math500_test.jsonl"})
+
+
+MIRROR_READERS: dict[str, Callable[[Path, dict], dict[str, SplitSource]]] = {
+    "gsm8k": lambda m, o: _mirror_plain(m, "gsm8k", {"train": "train.jsonl", "test": "test.jsonl"}),
+    "arc_easy": lambda m, o: _mirror_plain(m, "arc_easy", {s: f"{s}.jsonl" for s in ("train", "validation", "test")}),
+    "arc_challenge": lambda m, o: _mirror_plain(m, "arc_challenge", {"test": "test.jsonl"}),
+    "math": _mirror_math,
+    "humaneval": _mirror_humaneval,
+    "humanevalplus": lambda m, o: _mirror_evalplus(m, "humanevalplus", "HumanEvalPlus", o.get("humanevalplus_version")),
+    "mbppplus": lambda m, o: _mirror_evalplus(m, "mbppplus", "MbppPlus", o.get("mbppplus_version")),
+    "mbpp": _mirror_mbpp,
+}
+MIRROR_LAYOUT = "\n".join(f"  {s.layout}" for s in SPECS.values())
+
+
+# --------------------------------------------------------------------------- network readers
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _hub_rows(repo: str, config: str | None, split: str) -> SplitSource:
+    from datasets import load_dataset  # heavy; only on the network path
+
+    ds = load_dataset(repo, config, split=split)
+    where = f"hub:{repo}" + (f"/{config}" if config else "") + f"[{split}]"
+    version = getattr(ds, "_fingerprint", None) or str(getattr(ds.info, "version", None) or "")
+    return SplitSource([(i, dict(r)) for i, r in enumerate(ds)], where, where, version or None, is_file=False)
+
+
+def _hub_math(opts: dict) -> dict[str, SplitSource]:
+    out = {}
+    for split in ("train", "test"):
+        rows, fps = [], []
+        for subj in MATH_SUBJECTS:
+            s = _hub_rows("EleutherAI/hendrycks_math", subj, split)
+            rows.extend(r for _, r in s.rows)
+            fps.append(s.version or "")
+        where = f"hub:EleutherAI/hendrycks_math/*[{split}]"
+        out[split] = SplitSource(list(enumerate(rows)), where, where,
+                                 hashlib.sha256("".join(fps).encode()).hexdigest()[:16], is_file=False)
+    out["math500"] = _hub_rows("HuggingFaceH4/MATH-500", None, "test")
+    return out
+
+
+def _evalplus_release(kind: str, want: str | None) -> dict[str, SplitSource]:
+    """The raw evalplus release file (not get_*_plus(), which turns inputs into non-JSON objects)."""
+    if kind == "mbppplus":
+        from evalplus.data import mbpp as mod
+
+        default, ready = mod.MBPP_PLUS_VERSION, mod._ready_mbpp_plus_path
+    else:
+        from evalplus.data import humaneval as mod
+
+        default, ready = mod.HUMANEVAL_PLUS_VERSION, mod._ready_human_eval_plus_path
+    version = want or default
+    path = Path(ready(version=version))
+    src = _mirror_file(path)
+    src.source, src.version = f"evalplus:{kind} {version} ({path})", version
+    return {"test": src}
+
+
+HUB_READERS: dict[str, Callable[[dict], dict[str, SplitSource]]] = {
+    "gsm8k": lambda o: {s: _hub_rows("openai/gsm8k", "main", s) for s in ("train", "test")},
+    "arc_easy": lambda o: {s: _hub_rows("allenai/ai2_arc", "ARC-Easy", s) for s in ("train", "validation", "test")},
+    "arc_challenge": lambda o: {"test": _hub_rows("allenai/ai2_arc", "ARC-Challenge", "test")},
+    "math": _hub_math,
+    "humaneval": lambda o: {"test": _hub_rows("openai/openai_humaneval", None, "test")},
+    "humanevalplus": lambda o: _evalplus_release("humanevalplus", o.get("humanevalplus_version")),
+    "mbppplus": lambda o: _evalplus_release("mbppplus", o.get("mbppplus_version")),
+    "mbpp": lambda o: {s: _hub_rows("google-research-datasets/mbpp", "full", s) for s in MBPP_RANGES},
+}
+
+
+# --------------------------------------------------------------------------- validation
+
+def expected_count(name: str, split: str, version: str | None) -> int | None:
+    if name == "mbppplus":
+        return MBPPPLUS_COUNTS.get(version or "")
+    if name == "humanevalplus":
+        return HUMANEVALPLUS_COUNTS.get(version or "", 164)
+    return SPECS[name].counts.get(split)
+
+
+def _loc(src: SplitSource, n: int) -> str:
+    return f"{src.where}:{n}" if src.is_file else f"{src.where} row {n}"
+
+
+def validate_split(name: str, split: str, src: SplitSource) -> None:
+    """Schema, id uniqueness and the known row count; raises `T2EvalError` naming file:line / counts."""
+    spec = SPECS[name]
+    required = dict(spec.required)
+    if name == "math" and split != "math500":
+        required.update(level=str, type=str)
+    if name == "math" and split == "math500":
+        required.update(answer=str, unique_id=str)
+    seen: dict[Any, int] = {}
+    for n, row in src.rows:
+        for fname, typ in required.items():
+            if fname not in row:
+                raise T2EvalError(f"{_loc(src, n)}: missing field {fname!r} (every {name}/{split} row needs "
+                                  f"{', '.join(required)})")
+            if not isinstance(row[fname], typ) or (typ is int and isinstance(row[fname], bool)):
+                raise T2EvalError(f"{_loc(src, n)}: field {fname!r} must be {typ.__name__}, "
+                                  f"found {type(row[fname]).__name__}")
+        if spec.check is not None and (reason := spec.check(row)):
+            raise T2EvalError(f"{_loc(src, n)}: {reason}")
+        if spec.id_field and spec.id_field in row:
+            key = row[spec.id_field]
+            if key in seen:
+                raise T2EvalError(f"{_loc(src, n)}: duplicate {spec.id_field} {key!r} (first at line {seen[key]})")
+            seen[key] = n
+    want = expected_count(name, split, src.version)
+    if want is None and name == "mbppplus":
+        # unversioned release file: infer the release from the count when it is a known one
+        inferred = {v: k for k, v in MBPPPLUS_COUNTS.items()}.get(len(src.rows))
+        if inferred and (src.version in (None, "unknown")):
+            src.version = inferred
+            want = len(src.rows)
+        else:
+            log.warning("%s: MBPP+ release %s is not one of %s; row count %d not checked",
+                        src.where, src.version, sorted(MBPPPLUS_COUNTS), len(src.rows))
+    if want is not None and len(src.rows) != want:
+        what = f"{name}/{split}" + (f" {src.version}" if name in ("mbppplus", "humanevalplus") else "")
+        raise T2EvalError(f"{src.where}: wrong row count for {what}: expected {want}, found {len(src.rows)}; "
+                          "the file is truncated or a different release; replace it")
+
+
+# --------------------------------------------------------------------------- resolving sources
+
+def resolve_mirror(cli_value: str | os.PathLike | None = None,
+                   config_value: str | os.PathLike | None = None) -> Path | None:
+    """--mirror, then env T2EVAL_DATA_MIRROR, then the config's `mirror:` value; None if none is set."""
+    for v in (cli_value, os.environ.get(DATA_MIRROR_ENV) or None, config_value):
+        if v:
+            p = Path(v).expanduser()
+            if not p.is_dir():
+                raise T2EvalError(f"data mirror {p} is not a directory; fix --mirror / ${DATA_MIRROR_ENV} / "
+                                  "the config's `mirror:` value")
+            return p
+    return None
+
+
+def _missing_message(name: str, mirror: Path | None, expected: list[str], net_error: str) -> str:
+    spec = SPECS[name]
+    where = (f"not in the mirror {mirror} (looked for {', '.join(expected)})" if mirror is not None
+             else f"no data mirror configured (--mirror, ${DATA_MIRROR_ENV} or `mirror:` in the config)")
+    return (f"dataset {name!r} not found: {where}, and {net_error}.\n"
+            f"Provide it in either way:\n"
+            f"  1. a local mirror: pass --mirror DIR or set {DATA_MIRROR_ENV}=DIR (or `mirror: DIR` in the "
+            f"config), where DIR holds {spec.layout};\n"
+            f"  2. network access: unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE and make sure the source is "
+            f"reachable ({spec.hub}).")
+
+
+def read_source(name: str, mirror: Path | None, opts: dict | None = None) -> dict[str, SplitSource]:
+    """All splits of a dataset from the mirror, else the network; `MissingDatasetError` if neither has it."""
+    opts = dict(opts or {})
+    expected: list[str] = []
+    if mirror is not None:
+        try:
+            return MIRROR_READERS[name](mirror, opts)
+        except _Missing as e:
+            expected = e.expected
+    if hub_offline():
+        raise MissingDatasetError(_missing_message(name, mirror, expected,
+                                                   "the network is disabled (HF_HUB_OFFLINE=1)"))
+    try:
+        return HUB_READERS[name](opts)
+    except T2EvalError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any network/library failure becomes one clear message
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        raise MissingDatasetError(_missing_message(name, mirror, expected,
+                                                   f"downloading it failed ({msg})")) from None
+
+
+# --------------------------------------------------------------------------- writing
+
+def _serialise(rows: Iterable[dict]) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False).encode("utf-8") + b"\n" for r in rows)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(out: Path) -> dict:
+    p = Path(out) / MANIFEST
+    if not p.exists():
+        return {"datasets": {}}
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise T2EvalError(f"{p}:{e.lineno}: corrupt manifest ({e.msg}); delete it and re-run "
+                          "`t2eval prepare-data --force`") from None
+    m.setdefault("datasets", {})
+    return m
+
+
+def dataset_up_to_date(out: Path, name: str, entry: dict | None, opts: dict | None = None) -> bool:
+    """True when every split of `name` is in the manifest and its file has the recorded sha256."""
+    if not entry or set(entry) != set(SPECS[name].splits):
+        return False
+    opts = opts or {}
+    want_version = opts.get(f"{name}_version")
+    for split, e in entry.items():
+        p = Path(out) / e.get("path", "")
+        if not p.is_file() or _file_sha256(p) != e.get("sha256"):
+            return False
+        if want_version and e.get("version") != want_version:
+            return False
+    return True
+
+
+def prepare_data(out: str | os.PathLike, mirror: str | os.PathLike | None = None,
+                 datasets: Iterable[str] | None = None, force: bool = False, *,
+                 config_mirror: str | os.PathLike | None = None,
+                 mbppplus_version: str | None = None, humanevalplus_version: str | None = None) -> dict:
+    """Materialise `datasets` (default: all) under `out`; returns the manifest dict (also written)."""
+    out = Path(out)
+    names = list(datasets) if datasets is not None else list(DATASETS)
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        raise T2EvalError(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+    mirror_dir = resolve_mirror(mirror, config_mirror)
+    opts = {"mbppplus_version": mbppplus_version, "humanevalplus_version": humanevalplus_version}
+    man = read_manifest(out)
+    timings: dict[str, float] = {}
+    written: list[str] = []
+    for name in names:
+        t0 = time.perf_counter()
+        if not force and dataset_up_to_date(out, name, man["datasets"].get(name), opts):
+            log.info("%s: up to date (%s), skipped", name, out / name)
+            continue
+        sources = read_source(name, mirror_dir, opts)
+        for split in SPECS[name].splits:
+            if split not in sources:
+                raise T2EvalError(f"{name}: source has no split {split!r}")
+            validate_split(name, split, sources[split])
+        entry = {}
+        for split in SPECS[name].splits:
+            src = sources[split]
+            data = _serialise(r for _, r in src.rows)
+            rel = f"{name}/{split}.jsonl"
+            _write_atomic(out / rel, data)
+            entry[split] = {"path": rel, "rows": len(src.rows), "sha256": hashlib.sha256(data).hexdigest(),
+                            "source": src.source, "version": src.version}
+        man["datasets"][name] = entry
+        timings[name] = round(time.perf_counter() - t0, 3)
+        written.append(name)
+        man["datasets"] = {k: man["datasets"][k] for k in sorted(man["datasets"], key=_order)}
+        _write_manifest(out, man, mirror_dir, timings)
+        log.info("%s: wrote %s in %.2fs", name,
+                 ", ".join(f"{s}={e['rows']}" for s, e in entry.items()), timings[name])
+    if not (out / MANIFEST).exists():
+        _write_manifest(out, man, mirror_dir, timings)
+    return man
+
+
+def _order(name: str) -> int:
+    return DATASETS.index(name) if name in DATASETS else len(DATASETS)
+
+
+def _write_manifest(out: Path, man: dict, mirror: Path | None, timings: dict) -> None:
+    from ..provenance import code_version, write_json_atomic
+
+    man["provenance"] = {"stage": "prepare-data", "mirror": str(mirror) if mirror else None,
+                         "code": code_version(), "timings": dict(timings)}
+    write_json_atomic(out / MANIFEST, man)
