@@ -1,0 +1,1 @@
+"""Test-time adaptation: first-pass dispatch (prompt / cls / logprob) and few-shot α search (CEM)."""

@@ -1,0 +1,129 @@
+"""First pass of Transformer² self-adaptation (PROTOCOL §6): pick an expert for every question.
+
+The classification prompt and its parser live in `t2eval.tasks.cls` (shared with the cls-expert's
+RL training); this module only runs them over a batch, in one of two modes:
+
+- `generate`: greedy generation of the classification answer, parsed with `parse_category`
+  (unparsable → "others"); used by the Prompt strategy (base weights) and the Cls strategy (cls
+  expert loaded by the caller).
+- `logprob`: one forward pass scoring each category label after the classification prompt
+  followed by the answer prefix (`\\boxed{`); the label with the highest total log-probability wins.
+
+Both take backend-neutral callables so lm-eval's HFLM / VLLM and the t2eval backends can be used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+# category -> expert name (None = base weights). PROTOCOL §6: "other" uses the base model.
+EXPERT_OF = {"code": "code", "math": "math", "reasoning": "reasoning"}
+TRUE_EXPERT = {"gsm8k": "math", "math": "math", "mbpp": "code", "humaneval": "code",
+               "arc_easy": "reasoning", "arc_challenge": "reasoning"}
+ANSWER_PREFIX = "\\boxed{"
+
+
+def _cls():
+    from ..tasks import cls as cls_task
+
+    return cls_task
+
+
+def categories() -> tuple[str, ...]:
+    return tuple(_cls().CATEGORIES)
+
+
+def expert_for(category: str) -> str | None:
+    """Expert name for a parsed category; "other(s)"/anything else → None (base weights)."""
+    return EXPERT_OF.get(category)
+
+
+def classification_prompt(tokenizer, question: str) -> str:
+    """The rendered first-pass prompt (chat template + generation prompt) for one question."""
+    return _cls().dispatch_prompt(tokenizer, question)
+
+
+def parse_category(text: str) -> str:
+    return _cls().parse_category(text)
+
+
+@dataclass
+class DispatchResult:
+    categories: list[str]
+    experts: list[str | None]
+    tokens: int = 0               # generated (generate) or scored label tokens (logprob)
+    prompt_tokens: int = 0
+    raw: list[str] = field(default_factory=list)   # generated text, or label log-probs as text
+
+
+def dispatch_generate(questions: Sequence[str], tokenizer,
+                      generate: Callable[[list[str], dict], list[str]],
+                      max_new_tokens: int | None = None) -> DispatchResult:
+    """Generate a classification answer per question (greedy) and parse it."""
+    cls = _cls()
+    prompts = [classification_prompt(tokenizer, q) for q in questions]
+    gk = dict(cls.GEN_KWARGS) if hasattr(cls, "GEN_KWARGS") else {}
+    gk.setdefault("max_gen_toks", max_new_tokens or 1024)
+    if max_new_tokens:
+        gk["max_gen_toks"] = max_new_tokens
+    gk.setdefault("until", list(getattr(cls, "STOP", ["Instruction:", "Instruction", "Response:", "Response"])))
+    gk["do_sample"] = False
+    gk["temperature"] = 0.0
+    outs = generate(prompts, gk) if prompts else []
+    cats = [parse_category(o) for o in outs]
+    return DispatchResult(cats, [expert_for(c) for c in cats],
+                          tokens=sum(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outs),
+                          prompt_tokens=sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
+                                            for p in prompts),
+                          raw=list(outs))
+
+
+def dispatch_logprob(questions: Sequence[str], tokenizer,
+                     score: Callable[[list[tuple[str, str]]], list[float]]) -> DispatchResult:
+    """Score every category label after `prompt + "\\boxed{"`; choose the most likely label.
+
+    `score(pairs)` returns sum log p(continuation | context) for (context, continuation) pairs; the
+    label is scored with its closing brace ("math}") so labels that are prefixes of others compete fairly.
+    """
+    labels = categories()
+    prompts = [classification_prompt(tokenizer, q) + ANSWER_PREFIX for q in questions]
+    pairs = [(p, lab + "}") for p in prompts for lab in labels]
+    lps = score(pairs) if pairs else []
+    cats, raw = [], []
+    for i in range(len(prompts)):
+        row = lps[i * len(labels):(i + 1) * len(labels)]
+        best = max(range(len(labels)), key=lambda j: (row[j], -j))
+        cats.append(labels[best])
+        raw.append(" ".join(f"{lab}:{lp:.3f}" for lab, lp in zip(labels, row)))
+    label_toks = sum(len(tokenizer(lab + "}", add_special_tokens=False)["input_ids"]) for lab in labels)
+    return DispatchResult(cats, [expert_for(c) for c in cats], tokens=label_toks * len(prompts),
+                          prompt_tokens=sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
+                                            for p in prompts), raw=raw)
+
+
+def user_text(tokenizer, rendered: str) -> str:
+    """The last user message inside a chat-rendered request (what the first pass classifies).
+
+    Found by rendering a sentinel message with the tokenizer's chat template and locating the
+    template's user prefix/suffix in `rendered`; a plain (non-chat) context is returned unchanged.
+    """
+    sentinel = "\x00T2SENTINEL\x00"
+    try:
+        tpl = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
+                                            add_generation_prompt=True)
+    except Exception:
+        return rendered
+    i = tpl.find(sentinel)
+    if i < 0:
+        return rendered
+    head, tail = tpl[:i], tpl[i + len(sentinel):]
+    u = head.rfind("user")
+    start_marker = head[head.rfind("<|", 0, u) if u >= 0 and head.rfind("<|", 0, u) >= 0 else max(0, len(head) - 8):]
+    end_marker = tail.split("\n", 1)[0] or tail[:8]
+    s = rendered.rfind(start_marker)
+    if not start_marker or s < 0:
+        return rendered
+    s += len(start_marker)
+    e = rendered.find(end_marker, s) if end_marker else -1
+    return rendered[s:e] if e >= 0 else rendered[s:]

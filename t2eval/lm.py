@@ -1,0 +1,336 @@
+"""The lm-eval model `t2`: base / LoRA / SVF / Transformer² two-pass self-adaptation, with timing.
+
+    lm_eval --model t2 --model_args pretrained=smollm2-135m,strategy=prompt,svd=svd/x.safetensors,\
+        expert_math=experts/.../gsm8k,expert_code=...,expert_reasoning=... --tasks t2_math --apply_chat_template
+
+(lm-eval 0.4.13 cannot discover plugin models by itself: see `t2eval.lm_eval_plugin`.)
+
+model_args
+  pretrained     registry key or HF directory (t2eval.models.resolve_model_dir)
+  backend        hf (lm-eval HFLM) | vllm (lm-eval VLLM + t2eval.backends.vllm's scale swap)
+  adapter        none | svf:PATH | lora:PATH (peft on HF, LoRARequest on vLLM); strategy=none only
+  strategy       none | prompt | cls | fewshot
+  experts        math:P;code:P;reasoning:P  (lm-eval splits model_args on ",", so use ";" there,
+                 or expert_math=P,expert_code=P,expert_reasoning=P, or JSON model_args)
+  cls_expert     PATH (strategy=cls)          alpha   PATH of alpha.json (strategy=fewshot)
+  svd            PATH of the SVD cache         dispatch generate | logprob
+  param          code | paper                  shuffle_sigma  seed (cross-model σ shuffling) | none
+  dtype, batch_size, device, and any HFLM / VLLM argument.
+
+Two passes (PROTOCOL §6), per task and per request type: the first pass dispatches every document
+of the task in one batch (Prompt: base weights; Cls: cls expert loaded; dispatch=logprob scores the
+category labels in one forward pass instead of generating); requests are then grouped by chosen
+expert, each group answered with its expert's scales loaded ("other" → base weights), and results
+returned in the original order. Few-shot loads the α-mixture once. `lm.t2_records[task]` holds
+first_pass_s, second_pass_s, swap_s, tokens_first, tokens_second and per-document dispatch rows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .adapt import dispatch as dsp
+from .adapt.experts import EXPERT_NAMES, ExpertBank, load_alpha, parse_experts
+from .errors import T2EvalError
+
+STRATEGIES = ("none", "prompt", "cls", "fewshot")
+DISPATCH_MODES = ("generate", "logprob")
+T2_KEYS = ("backend", "adapter", "strategy", "experts", "cls_expert", "alpha", "svd", "dispatch", "param",
+           "shuffle_sigma", "cls_max_new_tokens") + tuple(f"expert_{n}" for n in EXPERT_NAMES)
+
+
+def true_task(task_name: str | None) -> str:
+    """Protocol task key of an lm-eval task name (`t2_math` → `math`; stock names unchanged)."""
+    t = task_name or "unknown"
+    return t[3:] if t.startswith("t2_") else t
+
+
+@dataclass
+class T2Config:
+    adapter: str = "none"
+    strategy: str = "none"
+    experts: dict[str, str] = field(default_factory=dict)
+    cls_expert: str | None = None
+    alpha: str | None = None
+    svd: str | None = None
+    dispatch: str = "generate"
+    param: str = "code"
+    shuffle_sigma: int | None = None
+    cls_max_new_tokens: int | None = None
+
+    @classmethod
+    def from_kwargs(cls, kw: dict[str, Any]) -> "T2Config":
+        experts = parse_experts(kw.pop("experts", None))
+        for n in EXPERT_NAMES:
+            v = kw.pop(f"expert_{n}", None)
+            if v:
+                experts[n] = str(v)
+        none = lambda v: None if v in (None, "", "none", "None") else v  # noqa: E731
+        c = cls(adapter=str(kw.pop("adapter", "none") or "none"), strategy=str(kw.pop("strategy", "none") or "none"),
+                experts=experts, cls_expert=none(kw.pop("cls_expert", None)), alpha=none(kw.pop("alpha", None)),
+                svd=none(kw.pop("svd", None)), dispatch=str(kw.pop("dispatch", "generate")),
+                param=str(kw.pop("param", "code")), shuffle_sigma=none(kw.pop("shuffle_sigma", None)),
+                cls_max_new_tokens=none(kw.pop("cls_max_new_tokens", None)))
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise T2EvalError(f"strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        if self.dispatch not in DISPATCH_MODES:
+            raise T2EvalError(f"dispatch={self.dispatch!r}: use generate or logprob")
+        kind = self.adapter.split(":", 1)[0]
+        if kind not in ("none", "svf", "lora") or (kind != "none" and ":" not in self.adapter):
+            raise T2EvalError(f"adapter={self.adapter!r}: use none, svf:PATH or lora:PATH")
+        if kind != "none" and self.strategy != "none":
+            raise T2EvalError(f"adapter={self.adapter} cannot be combined with strategy={self.strategy}: "
+                              "two-pass strategies load the experts themselves (use adapter=none)")
+        if self.strategy in ("prompt", "cls", "fewshot"):
+            missing = [n for n in EXPERT_NAMES if n not in self.experts]
+            if missing:
+                raise T2EvalError(f"strategy={self.strategy} needs the three experts; missing "
+                                  f"{', '.join(missing)}: add expert_<name>=PATH (or experts=math:P;code:P;reasoning:P)")
+        if self.strategy == "cls" and not self.cls_expert:
+            raise T2EvalError("strategy=cls needs cls_expert=PATH (the SVF expert trained on the cls task)")
+        if self.strategy == "fewshot" and not self.alpha:
+            raise T2EvalError("strategy=fewshot needs alpha=PATH (alpha.json from `t2eval fit-fewshot`)")
+
+    @property
+    def adapter_kind(self) -> str:
+        return self.adapter.split(":", 1)[0]
+
+    @property
+    def adapter_path(self) -> str | None:
+        return self.adapter.split(":", 1)[1] if ":" in self.adapter else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class TwoPassMixin:
+    """Shared by the HF and vLLM flavours; the backend class supplies `_t2_set_scales` and generation."""
+
+    t2: T2Config
+    t2_records: dict[str, dict[str, Any]]
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _t2_setup(self, cfg: T2Config) -> None:
+        self.t2 = cfg
+        self.t2_records = {}
+        self.t2_bank = ExpertBank(cfg.svd, cfg.param, cfg.shuffle_sigma)
+        self.t2_fixed = None  # scales held for the whole run (svf adapter / fewshot mixture)
+        self.t2_setup_s = 0.0
+        if cfg.adapter_kind == "svf":
+            self.t2_fixed = self.t2_bank.scales(cfg.adapter_path)
+        elif cfg.strategy == "fewshot":
+            a = load_alpha(cfg.alpha)
+            try:
+                paths = [cfg.experts[n] for n in a["experts"]]
+            except KeyError as e:
+                raise T2EvalError(f"{cfg.alpha} mixes expert {e.args[0]!r} but no path was given for it") from None
+            self.t2_alpha = a
+            self.t2_fixed = self.t2_bank.mix(paths, a["alpha"])
+        if self.t2_fixed is not None:
+            self.t2_setup_s = self._t2_set_scales(self.t2_fixed)
+
+    def _t2_set_scales(self, scales) -> float:  # pragma: no cover - provided by the flavour
+        raise NotImplementedError
+
+    @property
+    def _t2_base(self):
+        return super(TwoPassMixin, self)
+
+    # -- backend-neutral helpers ----------------------------------------------------------------
+    def _t2_generate(self, prompts: list[str], gen_kwargs: dict) -> list[str]:
+        reqs = [Instance("generate_until", {}, (p, dict(gen_kwargs)), i) for i, p in enumerate(prompts)]
+        return self._t2_base.generate_until(reqs, disable_tqdm=True)
+
+    def _t2_score(self, pairs: list[tuple[str, str]]) -> list[float]:
+        reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+        return [lp for lp, _ in self._t2_base.loglikelihood(reqs, disable_tqdm=True)]
+
+    def _t2_ntokens(self, texts) -> int:
+        return sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts if t)
+
+    # -- lm-eval entry points --------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._t2_run("generate_until", requests, disable_tqdm)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._t2_run("loglikelihood", requests, disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._t2_run("loglikelihood_rolling", requests, disable_tqdm)
+
+    def _t2_run(self, kind: str, requests, disable_tqdm: bool):
+        by_task: OrderedDict[str, list[int]] = OrderedDict()
+        for i, r in enumerate(requests):
+            by_task.setdefault(r.task_name or "unknown", []).append(i)
+        out: list[Any] = [None] * len(requests)
+        for task, idxs in by_task.items():
+            res = self._t2_task(kind, task, [requests[i] for i in idxs], disable_tqdm)
+            for i, r in zip(idxs, res):
+                out[i] = r
+        return out
+
+    def _t2_record(self, task: str) -> dict[str, Any]:
+        return self.t2_records.setdefault(task, {
+            "true_task": true_task(task), "strategy": self.t2.strategy,
+            "dispatch_mode": self.t2.dispatch if self.t2.strategy in ("prompt", "cls") else None,
+            "first_pass_s": None if self.t2.strategy not in ("prompt", "cls") else 0.0,
+            "second_pass_s": 0.0, "swap_s": 0.0, "setup_swap_s": self.t2_setup_s,
+            "tokens_first": None if self.t2.strategy not in ("prompt", "cls") else 0,
+            "tokens_second": 0, "prompt_tokens_first": 0, "requests": 0, "groups": {}, "dispatch": []})
+
+    def _t2_answer(self, kind: str, reqs, disable_tqdm: bool, rec: dict) -> list:
+        t0 = time.perf_counter()
+        res = getattr(self._t2_base, kind)(reqs, disable_tqdm=disable_tqdm)
+        rec["second_pass_s"] += time.perf_counter() - t0
+        if kind == "generate_until":
+            rec["tokens_second"] += self._t2_ntokens(res)
+        elif kind == "loglikelihood":
+            rec["tokens_second"] += self._t2_ntokens([r.args[1] for r in reqs])
+        return res
+
+    def _t2_task(self, kind: str, task: str, reqs: list, disable_tqdm: bool) -> list:
+        rec = self._t2_record(task)
+        rec["requests"] += len(reqs)
+        if self.t2.strategy not in ("prompt", "cls"):
+            chosen = "fewshot" if self.t2.strategy == "fewshot" else (
+                self.t2.adapter_kind if self.t2.adapter_kind != "none" else "base")
+            seen = {d["doc_id"] for d in rec["dispatch"]}
+            for r in reqs:
+                if r.doc_id not in seen:
+                    seen.add(r.doc_id)
+                    rec["dispatch"].append({"doc_id": r.doc_id, "true_task": rec["true_task"], "chosen": chosen})
+            return self._t2_answer(kind, reqs, disable_tqdm, rec)
+
+        # ---- first pass: one dispatch per document, all documents of the task in one batch ----
+        docs: OrderedDict[Any, str] = OrderedDict()
+        for r in reqs:
+            if r.doc_id not in docs:
+                docs[r.doc_id] = dsp.user_text(self.tokenizer, r.args[0])
+        known = {d["doc_id"]: d["chosen"] for d in rec["dispatch"]}
+        todo = [d for d in docs if d not in known]
+        if todo:
+            questions = [docs[d] for d in todo]
+            if self.t2.strategy == "cls":
+                rec["swap_s"] += self._t2_set_scales(self.t2_bank.scales(self.t2.cls_expert))
+            t0 = time.perf_counter()
+            if self.t2.dispatch == "logprob":
+                result = dsp.dispatch_logprob(questions, self.tokenizer, self._t2_score)
+            else:
+                result = dsp.dispatch_generate(questions, self.tokenizer, self._t2_generate,
+                                               max_new_tokens=self.t2.cls_max_new_tokens)
+            rec["first_pass_s"] += time.perf_counter() - t0
+            if self.t2.strategy == "cls":
+                rec["swap_s"] += self._t2_set_scales(None)
+            rec["tokens_first"] += result.tokens
+            rec["prompt_tokens_first"] += result.prompt_tokens
+            for d, cat, exp, raw in zip(todo, result.categories, result.experts, result.raw):
+                known[d] = exp or "other"
+                rec["dispatch"].append({"doc_id": d, "true_task": rec["true_task"], "chosen": known[d],
+                                        "category": cat, "raw": raw[:200]})
+
+        # ---- second pass: group by expert, answer each group with its expert loaded ----
+        groups: OrderedDict[str, list[int]] = OrderedDict()
+        for i, r in enumerate(reqs):
+            groups.setdefault(known[r.doc_id], []).append(i)
+        out: list[Any] = [None] * len(reqs)
+        for expert, idxs in groups.items():
+            path = self.t2.experts.get(expert)
+            rec["swap_s"] += self._t2_set_scales(self.t2_bank.scales(path) if path else None)
+            res = self._t2_answer(kind, [reqs[i] for i in idxs], disable_tqdm, rec)
+            rec["groups"][expert] = rec["groups"].get(expert, 0) + len(idxs)
+            for i, x in zip(idxs, res):
+                out[i] = x
+        rec["swap_s"] += self._t2_set_scales(None)
+        return out
+
+    def get_model_info(self) -> dict:
+        info = dict(self._t2_base.get_model_info()) if hasattr(self._t2_base, "get_model_info") else {}
+        info["t2"] = self.t2.as_dict()
+        return info
+
+
+def _split_t2_kwargs(kwargs: dict) -> tuple[T2Config, str, dict]:
+    kw = dict(kwargs)
+    backend = str(kw.pop("backend", "hf") or "hf")
+    if backend not in ("hf", "vllm"):
+        raise T2EvalError(f"backend={backend!r}: use hf or vllm")
+    cfg = T2Config.from_kwargs(kw)
+    return cfg, backend, kw
+
+
+def _resolve(pretrained) -> str:
+    from .models.loading import resolve_model_dir
+
+    return str(resolve_model_dir(str(pretrained)))
+
+
+@register_model("t2")
+class T2LM(TwoPassMixin, HFLM):
+    """backend=hf flavour (also the registered class; backend=vllm returns a `T2VLLM`)."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is T2LM and str(kwargs.get("backend", "hf")) == "vllm":
+            return make_vllm(*args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, pretrained, dtype: str = "float32", batch_size=1, device: str = "cpu", **kwargs):
+        cfg, _, kw = _split_t2_kwargs(kwargs)
+        if cfg.adapter_kind == "lora":
+            kw["peft"] = cfg.adapter_path
+        self.t2_pretrained_dir = _resolve(pretrained)
+        super().__init__(pretrained=self.t2_pretrained_dir, backend="causal", dtype=dtype,
+                         batch_size=batch_size, device=device, **kw)
+        self._t2_patcher = None
+        self._t2_setup(cfg)
+
+    def _t2_set_scales(self, scales) -> float:
+        t0 = time.perf_counter()
+        if scales is None:
+            if self._t2_patcher is not None:
+                self._t2_patcher.restore()
+            return time.perf_counter() - t0
+        if self._t2_patcher is None:
+            from .svf import SVFPatcher
+
+            self._t2_patcher = SVFPatcher(self.model, self.t2_bank.svd)
+        self._t2_patcher.apply(scales)
+        return time.perf_counter() - t0
+
+
+_VLLM_CLS = None
+
+
+def make_vllm(pretrained, dtype: str = "float32", batch_size="auto", **kwargs):
+    """Build the backend=vllm flavour (lm-eval's VLLM + the vLLM engineer's scale swap)."""
+    global _VLLM_CLS
+    if _VLLM_CLS is None:
+        from lm_eval.models.vllm_causallms import VLLM
+
+        class T2VLLM(TwoPassMixin, VLLM):
+            def __init__(self, pretrained, dtype="float32", batch_size="auto", **kwargs):
+                cfg, _, kw = _split_t2_kwargs(kwargs)
+                kw.pop("device", None)
+                if cfg.adapter_kind == "lora":
+                    kw["lora_local_path"] = cfg.adapter_path
+                self.t2_pretrained_dir = _resolve(pretrained)
+                super().__init__(pretrained=self.t2_pretrained_dir, dtype=dtype, batch_size=batch_size, **kw)
+                self._t2_setup(cfg)
+
+            def _t2_set_scales(self, scales) -> float:
+                from .backends import vllm as vb
+
+                return vb.set_engine_scales(self.model, self.t2_pretrained_dir, self.t2_bank.svd, scales)
+
+        _VLLM_CLS = T2VLLM
+    return _VLLM_CLS(pretrained, dtype=dtype, batch_size=batch_size, **kwargs)
