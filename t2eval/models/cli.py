@@ -20,6 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (HF layout, safetensors)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype to store (embedded default: float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tiny random model (tiny-llama only)")
     p.add_argument("--force", action="store_true", help="rebuild even if --out already holds the model")
 
 
@@ -33,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
         if meta.get("key") == args.model and (args.dtype is None or meta.get("dtype") == args.dtype):
             log.info("%s already prepared in %s (use --force to rebuild)", args.model, out)
             return 0
-    if args.model in reg and reg[args.model].source == "embedded":
+    if args.model in reg and reg[args.model].builder == "tiny_llama":
+        from .tiny import build_tiny_llama
+
+        build_tiny_llama(out, seed=args.seed, dtype=args.dtype or "float32")
+    elif args.model in reg and reg[args.model].source == "embedded":
         from .embedded import build_smollm2
 
         build_smollm2(out, dtype=args.dtype or reg[args.model].default_dtype)

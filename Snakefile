@@ -1,0 +1,26 @@
+# t2eval: the Transformer² reproduction DAG.
+#   laptop (embedded default): snakemake --cores all
+#   GPU machines:              snakemake --cores all --use-conda --configfile workflow/config/paper.yaml
+#   SLURM:                     snakemake --workflow-profile workflow/profiles/slurm --configfile workflow/config/paper.yaml
+#   one cell:                  snakemake results/raw/<model>/<method>/<task>.json
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+configfile: "workflow/config/default.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/decompose.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/adapt.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        TABLES,
+        FIGURES,

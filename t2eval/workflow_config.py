@@ -1,0 +1,103 @@
+"""Workflow configuration: defaults (the code release's protocol), merging, and validation.
+
+`load(config_dict, source)` deep-merges the user's config over `DEFAULTS`, validates it against
+`workflow/schemas/config.schema.yaml` and returns the merged dict. Errors name the key path, the bad
+value and what is allowed, e.g. `train_svf.iterations: -1 is less than the minimum of 1`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import T2EvalError
+
+SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+# PROTOCOL §3-§6 (code release choices); workflow/config/paper.yaml spells them out again.
+DEFAULTS: dict[str, Any] = {
+    "name": "unnamed",
+    "model_paths": {},
+    "dtype": "bfloat16",
+    "backend": "hf",
+    "tensor_parallel_size": 1,
+    "device": "cpu",
+    "seed": 42,
+    "data": {"dir": "data", "mirror": None},
+    "svd": {"targets": "mlp", "layers": "all"},
+    "train_svf": {"tasks": ["gsm8k", "mbpp", "arc_easy"], "cls": True, "cls_variant": "cls",
+                  "iterations": 200, "batch_size": 256, "micro_batch": 8, "max_new_tokens": 512,
+                  "eval_every": 10, "eval_limit": None, "kl_coef": 0.0, "kl_sweep": [],
+                  "optimizer": "adam", "param": "code", "lr": 2e-3},
+    "train_lora": {"tasks": ["gsm8k", "mbpp", "arc_easy"], "iterations": 200, "batch_size": 256,
+                   "micro_batch": 8, "lr": 5e-5, "eval_every": 10, "eval_limit": None, "max_new_tokens": 512},
+    "fewshot": {"tasks": ["math", "humaneval", "arc_challenge"], "iterations": 100, "population": 32,
+                "elite": 0.2, "init_std": 0.5, "per": "vector", "normalise": False, "max_new_tokens": 512},
+    "evaluate": {"methods": ["base", "lora", "svf", "t2-prompt", "t2-cls", "t2-fewshot"],
+                 "train_tasks": ["gsm8k", "mbpp", "arc_easy"], "unseen_tasks": ["math", "humaneval", "arc_challenge"],
+                 "limit": None, "max_new_tokens": None, "dispatch": "generate", "batch_size": 8,
+                 "allow_code_execution": True},
+    "ablations": {"models": [], "methods": ["svf-attn", "svf-mlp+attn", "svf-ntp", "lora-pg", "lora-mlp+attn"],
+                  "tasks": ["gsm8k", "math"]},
+    "cross_model": [],
+    "resources": {
+        "prepare": {"gpus": 0, "mem_mb": 32000, "runtime": 60, "threads": 4},
+        "decompose": {"gpus": 0, "mem_mb": 64000, "runtime": 120, "threads": 8},
+        "train": {"gpus": 1, "mem_mb": 64000, "runtime": 1440, "threads": 8},
+        "fewshot": {"gpus": 1, "mem_mb": 64000, "runtime": 720, "threads": 8},
+        "evaluate": {"gpus": 1, "mem_mb": 64000, "runtime": 360, "threads": 8},
+    },
+    "models_overrides": {},
+}
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _schema() -> dict[str, Any]:
+    from .config import load_yaml
+
+    return load_yaml(SCHEMA)
+
+
+def validate(cfg: Mapping[str, Any], source: str = "config") -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft7Validator(_schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return
+    lines = []
+    for e in errors[:10]:
+        path = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+        msg = e.message
+        if e.validator == "additionalProperties":
+            allowed = sorted(e.schema.get("properties", {}))
+            msg += f" — allowed keys here: {', '.join(allowed)}" if allowed else ""
+        elif e.validator == "enum":
+            msg = f"{e.instance!r} is not one of {e.validator_value}"
+        lines.append(f"  {path}: {msg}")
+    raise T2EvalError(f"invalid workflow configuration ({source}):\n" + "\n".join(lines)
+                      + f"\n(schema: {SCHEMA})")
+
+
+def load(user_cfg: Mapping[str, Any] | None, source: str = "config") -> dict[str, Any]:
+    if user_cfg is None or not isinstance(user_cfg, Mapping):
+        raise T2EvalError(f"{source}: the workflow configuration must be a mapping (got {type(user_cfg).__name__})")
+    validate(user_cfg, source)  # the user's own keys first: typos are reported against what they wrote
+    cfg = deep_merge(DEFAULTS, user_cfg)
+    validate(cfg, source)
+    models = set(cfg["models"])
+    for name in [*cfg["ablations"]["models"], *(x[k] for x in cfg["cross_model"] for k in ("source", "target"))]:
+        if name not in models:
+            raise T2EvalError(f"invalid workflow configuration ({source}): {name!r} is used in ablations/cross_model "
+                              f"but not listed in models ({', '.join(sorted(models))})")
+    return cfg

@@ -1,0 +1,43 @@
+"""Shared fixtures: repo paths, the data mirror, the embedded model (built once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def mirror_dir() -> Path:
+    return Path(os.environ.get("T2EVAL_DATA_MIRROR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def data_mirror() -> Path:
+    d = mirror_dir()
+    if not d.is_dir():
+        pytest.skip(f"data mirror not found at {d} (set T2EVAL_DATA_MIRROR)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from t2eval.testing import tiny_model_dir
+
+    return tiny_model_dir(seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """The embedded model as an fp32 HF directory: reuses models/smollm2-135m when prepared, else builds it."""
+    prepared = REPO / "models" / "smollm2-135m"
+    if (prepared / "model.safetensors").exists() and (prepared / "t2eval_model.json").exists():
+        return prepared
+    from t2eval.models.embedded import build_smollm2
+
+    return build_smollm2(tmp_path_factory.mktemp("models") / "smollm2-135m", dtype="float32")

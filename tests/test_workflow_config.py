@@ -1,0 +1,117 @@
+"""Workflow configuration validation and the cell plan (no model runs)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from t2eval import plan as P
+from t2eval.errors import T2EvalError
+from t2eval.workflow_config import load
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {n: yaml.safe_load((REPO / "workflow" / "config" / f"{n}.yaml").read_text()) for n in ("default", "paper", "micro")}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shipped_configs_are_valid(name):
+    cfg = load(CONFIGS[name], name)
+    assert cfg["models"]
+
+
+def test_unknown_key_is_reported_with_allowed_keys():
+    bad = dict(CONFIGS["default"], train_svf={"iterationz": 3})
+    with pytest.raises(T2EvalError) as e:
+        load(bad, "default.yaml")
+    msg = str(e.value)
+    assert "train_svf" in msg and "iterationz" in msg and "allowed keys here" in msg and "iterations" in msg
+
+
+def test_bad_value_is_reported_with_path():
+    with pytest.raises(T2EvalError, match=r"train_svf\.iterations: -1 is less than the minimum of 1"):
+        load(dict(CONFIGS["default"], train_svf={"iterations": -1}), "x")
+    with pytest.raises(T2EvalError, match=r"svd\.targets: 'mlpp' is not one of"):
+        load(dict(CONFIGS["default"], svd={"targets": "mlpp"}), "x")
+
+
+def test_cross_model_needs_listed_models():
+    with pytest.raises(T2EvalError, match="not listed in models"):
+        load(dict(CONFIGS["default"], cross_model=[{"source": "llama3-8b", "target": "smollm2-135m"}]), "x")
+
+
+def test_default_plan_covers_tables_1_to_3():
+    cfg = load(CONFIGS["default"])
+    counts = P.summary(cfg)
+    assert counts == {"base": 6, "lora": 3, "lora-gsm8k": 3, "lora-mbpp": 3, "lora-arc_easy": 3, "svf": 3,
+                      "t2-prompt": 3, "t2-cls": 3, "t2-fewshot": 3}
+
+
+def test_paper_plan_has_ablations_cross_model_and_70b_prompt_only():
+    cfg = load(CONFIGS["paper"])
+    cells = P.cells(cfg)
+    by_model = {m: {c.method for c in cells if c.model == m} for m in cfg["models"]}
+    assert {"svf-attn", "svf-mlp+attn", "svf-ntp", "lora-pg", "lora-mlp+attn"} <= by_model["llama3-8b"]
+    assert {"xfer-svf", "xfer-svf-shuffled", "xfer-fewshot"} <= by_model["mistral-7b"]
+    assert "t2-cls" not in by_model["llama3-70b"] and "t2-prompt" in by_model["llama3-70b"]
+    assert P.Cell("llama3-8b", "svf", "math") in cells  # Table 4 row #1 on MATH
+
+
+def test_cell_specs():
+    cfg = load(CONFIGS["paper"])
+    s = P.cell_spec(cfg, "llama3-8b", "t2-cls", "math")
+    assert s.inputs["cls_expert"] == "experts/llama3-8b/svf/cls/z.safetensors"
+    assert s.model_args["strategy"] == "cls" and s.split == "test"
+    s = P.cell_spec(cfg, "llama3-8b", "t2-fewshot", "humaneval")
+    assert s.split == "fewshot_test" and s.inputs["alpha"].endswith("fewshot/humaneval/alpha.json")
+    s = P.cell_spec(cfg, "mistral-7b", "xfer-svf", "gsm8k")
+    assert s.model_args["adapter"] == "svf:experts/llama3-8b/svf/gsm8k/z.safetensors"
+    s = P.cell_spec(cfg, "mistral-7b", "xfer-svf-shuffled", "math")
+    assert s.model_args["strategy"] == "prompt" and s.model_args["shuffle_sigma"] == "42"
+    s = P.cell_spec(cfg, "llama3-8b", "svf-ntp", "gsm8k")
+    assert s.inputs["svd"] == "svd/llama3-8b-attn.safetensors"
+    assert s.inputs["expert"] == "experts/llama3-8b/svf-ntp/gsm8k/z.safetensors"
+    s = P.cell_spec(cfg, "llama3-8b", "lora-mbpp", "humaneval")
+    assert s.model_args["adapter"] == "lora:experts/llama3-8b/lora/mbpp/adapter"
+
+
+def _dry_run(*args):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _job_counts(out: str) -> dict[str, int]:
+    counts, on = {}, False
+    for line in out.splitlines():
+        if line.startswith("job ") and "count" in line:
+            on = True
+            continue
+        if on:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+            elif parts and parts[0] == "total":
+                break
+    return counts
+
+
+def test_paper_dag_plans_without_the_hub():
+    r = _dry_run("--configfile", "workflow/config/paper.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = _job_counts(r.stdout)
+    assert c["prepare_model"] == 3 and c["evaluate"] == len(P.cells(load(CONFIGS["paper"])))
+    assert c["train_svf"] >= 11 and c["fit_fewshot"] == 9 and c["fit_fewshot_cross_model"] == 3
+
+
+def test_bad_config_stops_snakemake_with_a_clear_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(dict(CONFIGS["default"], evaluate={"limit": 0})))
+    r = _dry_run("--configfile", str(bad))
+    assert r.returncode != 0
+    assert "evaluate.limit" in (r.stdout + r.stderr) or "limit" in (r.stdout + r.stderr)

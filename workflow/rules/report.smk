@@ -1,0 +1,40 @@
+# Tables and figures from raw results only; wired into `snakemake --report`.
+localrules:
+    tables,
+    figures,
+
+
+rule tables:
+    input:
+        [c.path for c in CELLS],
+    output:
+        [report(f, category="Tables", caption="../report/tables.rst") if f.endswith(".md") else f for f in TABLES],
+    log:
+        "logs/tables.log",
+    conda:
+        ENV
+    shell:
+        "{T2} tables --raw results/raw --out results/tables 2> {log}"
+
+
+def _figure_inputs(wc):
+    logs = [P.svf_log(m, t) for m in CFG["models"] for t in CFG["train_svf"]["tasks"]]
+    alphas = [P.fewshot_alpha(m, t) for m in CFG["models"] for t in CFG["fewshot"]["tasks"]
+              if "t2-fewshot" in CFG["evaluate"]["methods"]]
+    experts = [P.svf_expert(m, t) for m in CFG["models"] for t in CFG["train_svf"]["tasks"]]
+    return {"cells": [c.path for c in CELLS], "experts": experts, "alphas": alphas}
+
+
+rule figures:
+    input:
+        unpack(_figure_inputs),
+    output:
+        report(FIGURES[0], category="Figures", caption="../report/fig4.rst"),
+        report(FIGURES[1], category="Figures", caption="../report/fig6.rst"),
+        report(FIGURES[2], category="Figures", caption="../report/fig7.rst"),
+    log:
+        "logs/figures.log",
+    conda:
+        ENV
+    shell:
+        "{T2} figures --raw results/raw --experts experts --out results/figures 2> {log}"
