@@ -1,0 +1,1 @@
+"""Paper tables and figures from raw result cells, beside the published numbers."""

@@ -1,0 +1,238 @@
+"""The raw result cell: one JSON file per (model, method, task) at `results/raw/<model>/<method>/<task>.json`.
+
+A cell holds everything the tables and figures need, so reports are recomputed from raw numbers:
+
+```
+{
+  "schema": "t2eval.cell/1",
+  "model": "llama3-8b", "method": "t2-prompt", "task": "math",
+  "metric": "acc",                    # "acc" | "pass@1"
+  "score": 0.2522, "correct": 1261, "total": 5000,    # score == correct / total
+  "per_sample": [{"doc_id": 0, "correct": 1, "chosen": "math"}, ...],   # doc order, one per doc
+  "timing": {"first_pass_s", "second_pass_s", "swap_s", "tokens_first", "tokens_second",
+             "total_s", "hardware"} | null,      # first-pass fields null when the method has no first pass
+  "dispatch": [{"doc_id", "true_task", "chosen"}, ...] | null,   # two-pass methods only
+  "lm_eval": {...} | null,            # lm-eval's results + config blob
+  "split": "test" | "fewshot_test",
+  "expert_model": "llama3-8b" | null, # optional: whose experts were used (cross-model rows)
+  "provenance": {...}                 # t2eval.provenance.record(...)
+}
+```
+
+Method names (`METHODS`): base, lora, svf, t2-prompt, t2-cls, t2-fewshot, the Table 4 ablations
+(svf-attn, svf-mlp+attn, svf-ntp, lora-pg, lora-mlp+attn), the cross-model rows (xfer-svf,
+xfer-svf-shuffled, xfer-fewshot) and one `lora-<task>` per task-LoRA (lora-gsm8k, lora-mbpp,
+lora-arc_easy). Other lowercase names are accepted (user variants) and simply not placed in tables.
+Which cell each table row reads is documented in `t2eval.report.tables`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import CorruptArtifactError, T2EvalError
+
+SCHEMA = "t2eval.cell/1"
+TRAINING_TASKS = ("gsm8k", "mbpp", "arc_easy")
+UNSEEN_TASKS = ("math", "humaneval", "arc_challenge")
+TASKS = TRAINING_TASKS + UNSEEN_TASKS
+TASK_METRIC = {"gsm8k": "acc", "mbpp": "pass@1", "arc_easy": "acc", "math": "acc",
+               "humaneval": "pass@1", "arc_challenge": "acc", "cls": "acc"}
+TASK_LORAS = tuple(f"lora-{t}" for t in TRAINING_TASKS)
+METHODS = ("base", "lora", "svf", "t2-prompt", "t2-cls", "t2-fewshot",
+           "svf-attn", "svf-mlp+attn", "svf-ntp", "lora-pg", "lora-mlp+attn",
+           "xfer-svf", "xfer-svf-shuffled", "xfer-fewshot") + TASK_LORAS
+MODELS = ("llama3-8b", "mistral-7b", "llama3-70b", "smollm2-135m")
+SPLITS = ("test", "fewshot_test")
+TIMING_FIELDS = ("first_pass_s", "second_pass_s", "swap_s", "tokens_first", "tokens_second", "total_s")
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+@-]*$"
+_NUM_OR_NULL = {"type": ["number", "null"], "minimum": 0}
+
+CELL_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "t2eval raw result cell",
+    "type": "object",
+    "required": ["schema", "model", "method", "task", "metric", "score", "correct", "total",
+                 "per_sample", "timing", "dispatch", "lm_eval", "split", "provenance"],
+    "properties": {
+        "schema": {"const": SCHEMA},
+        "model": {"type": "string", "pattern": _NAME},
+        "method": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.+-]*$"},
+        "task": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_]*$"},
+        "metric": {"enum": ["acc", "pass@1"]},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "correct": {"type": "integer", "minimum": 0},
+        "total": {"type": "integer", "minimum": 1},
+        "per_sample": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["doc_id", "correct"],
+                "properties": {
+                    "doc_id": {"type": ["integer", "string"]},
+                    "correct": {"enum": [0, 1]},
+                    "chosen": {"type": ["string", "null"]},
+                },
+            },
+        },
+        "timing": {
+            "type": ["object", "null"],
+            "properties": {**{k: _NUM_OR_NULL for k in TIMING_FIELDS},
+                           "hardware": {"type": ["string", "null"]}},
+        },
+        "dispatch": {
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "required": ["doc_id", "true_task", "chosen"],
+                "properties": {"doc_id": {"type": ["integer", "string"]},
+                               "true_task": {"type": "string"},
+                               "chosen": {"type": "string"}},
+            },
+        },
+        "lm_eval": {"type": ["object", "null"]},
+        "split": {"enum": list(SPLITS)},
+        "expert_model": {"type": ["string", "null"]},
+        "provenance": {"type": "object"},
+    },
+}
+
+
+def _fail(where: str, msg: str) -> None:
+    raise CorruptArtifactError(
+        f"invalid result cell {where}: {msg}. The cell format is described in t2eval/results.py "
+        f"(schema {SCHEMA!r}); re-create the cell with `t2eval evaluate` or fix the file by hand.")
+
+
+def validate_cell(cell: Any, where: str = "<cell>") -> dict[str, Any]:
+    """Check `cell` against `CELL_SCHEMA` plus the arithmetic (score = correct/total, per_sample
+    counts); raise `CorruptArtifactError` naming `where` and the offending field. Returns the cell."""
+    import jsonschema
+
+    if not isinstance(cell, Mapping):
+        _fail(where, f"expected a JSON object, got {type(cell).__name__}")
+    validator = jsonschema.Draft202012Validator(CELL_SCHEMA)
+    errors = sorted(validator.iter_errors(cell), key=lambda e: list(e.absolute_path))
+    if errors:
+        msgs = []
+        for e in errors[:5]:
+            loc = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+            msgs.append(f"field {loc}: {e.message}")
+        more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+        _fail(where, "; ".join(msgs) + more)
+    c, n = cell["correct"], cell["total"]
+    if c > n:
+        _fail(where, f"correct ({c}) is larger than total ({n})")
+    if not math.isclose(cell["score"], c / n, rel_tol=0, abs_tol=1e-9):
+        _fail(where, f"score {cell['score']} is not correct/total = {c}/{n} = {c / n:.6f}")
+    ps = cell["per_sample"]
+    if len(ps) != n:
+        _fail(where, f"per_sample has {len(ps)} entries but total is {n} (one entry per document)")
+    if sum(s["correct"] for s in ps) != c:
+        _fail(where, f"per_sample has {sum(s['correct'] for s in ps)} correct entries but correct is {c}")
+    ids = [s["doc_id"] for s in ps]
+    if len(set(ids)) != len(ids):
+        _fail(where, "per_sample has duplicate doc_id values")
+    expected = TASK_METRIC.get(cell["task"])
+    if expected and cell["metric"] != expected:
+        _fail(where, f"task {cell['task']!r} is scored with {expected!r}, not {cell['metric']!r}")
+    return dict(cell)
+
+
+def make_cell(model: str, method: str, task: str, per_sample: Iterable[Mapping[str, Any]], *,
+              metric: str | None = None, timing: Mapping[str, Any] | None = None,
+              dispatch: Iterable[Mapping[str, Any]] | None = None, lm_eval: Mapping[str, Any] | None = None,
+              split: str = "test", provenance: Mapping[str, Any] | None = None,
+              expert_model: str | None = None) -> dict[str, Any]:
+    """Build a valid cell from per-sample outcomes (`{"doc_id", "correct": 0/1 or bool, ["chosen"]}`);
+    correct/total/score are computed from them."""
+    rows = []
+    for s in per_sample:
+        r = dict(s)
+        r["correct"] = int(bool(r["correct"]))
+        rows.append(r)
+    correct, total = sum(r["correct"] for r in rows), len(rows)
+    if total == 0:
+        raise T2EvalError(f"cannot make a result cell for {model}/{method}/{task}: no samples were scored")
+    cell = {
+        "schema": SCHEMA, "model": model, "method": method, "task": task,
+        "metric": metric or TASK_METRIC.get(task, "acc"),
+        "score": correct / total, "correct": correct, "total": total,
+        "per_sample": rows,
+        "timing": dict(timing) if timing is not None else None,
+        "dispatch": [dict(d) for d in dispatch] if dispatch is not None else None,
+        "lm_eval": dict(lm_eval) if lm_eval is not None else None,
+        "split": split,
+        "expert_model": expert_model,
+        "provenance": dict(provenance or {}),
+    }
+    return validate_cell(cell, f"{model}/{method}/{task}")
+
+
+def cell_path(raw_dir: str | os.PathLike, model: str, method: str, task: str) -> Path:
+    return Path(raw_dir) / model / method / f"{task}.json"
+
+
+def write_cell(path: str | os.PathLike, cell: Mapping[str, Any]) -> Path:
+    """Validate, then write atomically (temp file + rename). Returns the path."""
+    p = Path(path)
+    validate_cell(cell, str(p))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(cell, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, p)
+    return p
+
+
+def read_cell(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate one cell; errors name the file."""
+    p = Path(path)
+    if not p.exists():
+        raise T2EvalError(f"result cell not found: {p}; run `t2eval evaluate` for it first")
+    try:
+        cell = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptArtifactError(f"result cell {p} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                                   f"{e.msg}); delete it and re-run `t2eval evaluate`") from None
+    return validate_cell(cell, str(p))
+
+
+def collect(raw_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every cell under `raw_dir/<model>/<method>/<task>.json`, validated, sorted by (model, method, task).
+    Each cell's model/method/task must match its path. Sidecars (`*.provenance.json`) and temp files
+    are skipped."""
+    root = Path(raw_dir)
+    if not root.is_dir():
+        raise T2EvalError(f"raw results directory {root} does not exist; run `t2eval evaluate` to create "
+                          f"cells there or pass the right --raw directory")
+    cells = []
+    for p in sorted(root.glob("*/*/*.json")):
+        if p.name.startswith(".") or p.name.endswith(".provenance.json"):
+            continue
+        cell = read_cell(p)
+        model, method, task = p.parent.parent.name, p.parent.name, p.stem
+        if (cell["model"], cell["method"], cell["task"]) != (model, method, task):
+            raise CorruptArtifactError(
+                f"result cell {p} says model/method/task = {cell['model']}/{cell['method']}/{cell['task']} "
+                f"but its path says {model}/{method}/{task}; move the file or fix its fields")
+        cell["_path"] = str(p)
+        cells.append(cell)
+    cells.sort(key=lambda c: (c["model"], c["method"], c["task"]))
+    return cells
+
+
+def index(cells: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], Mapping[str, Any]]:
+    """{(model, method, task): cell}."""
+    return {(c["model"], c["method"], c["task"]): c for c in cells}
+
+
+def is_known_method(method: str) -> bool:
+    return method in METHODS or bool(re.fullmatch(r"lora-[a-z0-9_]+", method))
