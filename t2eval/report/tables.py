@@ -221,13 +221,17 @@ def timing_entries(cells: Iterable[Mapping[str, Any]], models: Sequence[str], pu
     return out
 
 
-def models_for(table: str, cells: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[str]:
-    """Rows of the ablation/cross-model tables: the models that have such cells, else all models."""
+def models_for(table: str, cells: Sequence[Mapping[str, Any]], models: Sequence[str], pub=None) -> list[str]:
+    """Rows of the ablation/cross-model tables: the models that have such cells; else the models the paper
+    reports in that table; else all models."""
     want = TABLES[table].get("only_models_with")
     if not want:
         return list(models)
     tasks = TABLES[table]["tasks"]
     have = [m for m in models if any(c["model"] == m and c["method"] in want and c["task"] in tasks for c in cells)]
+    if not have and pub is not None:
+        published = set(pub.loc[pub["table"] == TABLES[table]["published"], "model"])
+        have = [m for m in models if m in published]
     return have or list(models)
 
 
@@ -402,7 +406,7 @@ def write_tables(cells: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
             ents = timing_entries(cells, models, pub)
             md, tex = render_timing_md(ents, models), render_timing_tex(ents)
         else:
-            ms = models_for(name, cells, models)
+            ms = models_for(name, cells, models, pub)
             ents = score_entries(name, cells, ms, pub, ci=ci)
             md, tex = render_score_md(name, ents, ms), render_score_tex(name, ents, ms)
         write_text_atomic(stem.with_suffix(".md"), md)
