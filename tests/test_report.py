@@ -83,6 +83,8 @@ def test_read_cell_bad_json_and_path_mismatch(tmp_path):
         collect(tmp_path)
     with pytest.raises(T2EvalError, match="does not exist"):
         collect(tmp_path / "nope")
+    with pytest.raises(CorruptArtifactError, match="expected a JSON object"):
+        validate_cell([1, 2], "x.json")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -231,6 +233,9 @@ def test_tables_cli(tmp_path, capsys):
                  "mistral-7b"]) == 0
     assert "Mistral" in (tmp_path / "t" / "table2.md").read_text()
     assert (tmp_path / "t" / "provenance.json").exists()
+    assert main(["tables", "--raw", str(raw), "--out", str(tmp_path / "b"), "--ci", "bootstrap"]) == 0
+    r = next(r for r in rows(tmp_path / "b" / "table1.csv") if r["method"] == "base" and r["task"] == "gsm8k")
+    assert r["ci"] == "bootstrap" and 73.0 < float(r["ci_low_pct"]) < 74.0
     assert main(["tables", "--raw", str(tmp_path / "none"), "--out", str(tmp_path / "t")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
