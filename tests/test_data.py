@@ -342,3 +342,21 @@ def test_unknown_task_or_split(prepared):
     assert [r["doc_id"] for r in S.task_split("humaneval", "test", prepared, humaneval_dataset="humanevalplus")] \
         == [r["doc_id"] for r in S.task_split("humaneval", "test", prepared)]
     assert set(SPECS) == set(EXPECTED_ROWS)
+
+
+def test_offline_uses_evalplus_cache(tmp_path):
+    """With HF_HUB_OFFLINE=1 and no mirror, MBPP+ still comes from evalplus's own download cache."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "xdg" / "evalplus"
+    cache.mkdir(parents=True)
+    with gzip.open(MIRROR / "mbppplus" / "MbppPlus-v0.2.0.jsonl.gz", "rb") as f:
+        (cache / "MbppPlus-v0.2.0.jsonl").write_bytes(f.read())
+    env = {k: v for k, v in os.environ.items() if k != "T2EVAL_DATA_MIRROR"}
+    env.update(HF_HUB_OFFLINE="1", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    r = subprocess.run([sys.executable, "-m", "t2eval.cli", "prepare-data", "--out", str(tmp_path / "d"),
+                        "--datasets", "mbppplus"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    e = manifest(tmp_path / "d")["datasets"]["mbppplus"]["test"]
+    assert e["source"].startswith("evalplus:mbppplus v0.2.0") and e["rows"] == 378 and e["version"] == "v0.2.0"

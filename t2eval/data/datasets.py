@@ -322,6 +322,21 @@ def _evalplus_release(kind: str, want: str | None) -> dict[str, SplitSource]:
     return {"test": src}
 
 
+def _evalplus_cached(name: str, opts: dict) -> dict[str, SplitSource] | None:
+    """HumanEval+/MBPP+ from evalplus's own download cache, if present (usable offline)."""
+    if name not in ("mbppplus", "humanevalplus"):
+        return None
+    try:
+        from evalplus.data import humaneval, mbpp
+        from evalplus.data.utils import get_dataset_metadata
+    except ImportError:
+        return None
+    stem, default = (("MbppPlus", mbpp.MBPP_PLUS_VERSION) if name == "mbppplus"
+                     else ("HumanEvalPlus", humaneval.HUMANEVAL_PLUS_VERSION))
+    _, path = get_dataset_metadata(stem, opts.get(f"{name}_version") or default, False)
+    return _evalplus_release(name, opts.get(f"{name}_version")) if Path(path).is_file() else None
+
+
 HUB_READERS: dict[str, Callable[[dict], dict[str, SplitSource]]] = {
     "gsm8k": lambda o: {s: _hub_rows("openai/gsm8k", "main", s) for s in ("train", "test")},
     "arc_easy": lambda o: {s: _hub_rows("allenai/ai2_arc", "ARC-Easy", s) for s in ("train", "validation", "test")},
@@ -425,6 +440,9 @@ def read_source(name: str, mirror: Path | None, opts: dict | None = None) -> dic
         except _Missing as e:
             expected = e.expected
     if hub_offline():
+        cached = _evalplus_cached(name, opts)
+        if cached is not None:
+            return cached
         raise MissingDatasetError(_missing_message(name, mirror, expected,
                                                    "the network is disabled (HF_HUB_OFFLINE=1)"))
     try:

@@ -97,8 +97,20 @@ def _with_id(row: dict, doc_id: str) -> dict:
     return out
 
 
+_MEMO: dict | None = None  # set only inside split_sizes(), whose callers never see the rows
+
+
+def _load(dataset: str, split: str, data_dir: DataDir) -> list[dict]:
+    if _MEMO is None:
+        return load_jsonl(dataset, split, data_dir)
+    key = (dataset, split, str(data_dir))
+    if key not in _MEMO:
+        _MEMO[key] = load_jsonl(dataset, split, data_dir)
+    return _MEMO[key]
+
+
 def _indexed(dataset: str, split: str, data_dir: DataDir, id_field: str | None) -> list[dict]:
-    rows = load_jsonl(dataset, split, data_dir)
+    rows = _load(dataset, split, data_dir)
     return [_with_id(r, r[id_field] if id_field and r.get(id_field) is not None else f"{dataset}/{split}/{i}")
             for i, r in enumerate(rows)]
 
@@ -147,7 +159,7 @@ def _unseen_test(task: str, d: DataDir, options: dict) -> list[dict]:
         which = options.get("math_test", "test")
         if which not in ("test", "math500"):
             raise T2EvalError(f"math_test must be 'test' (5000) or 'math500', not {which!r}")
-        rows = load_jsonl("math", which, d)
+        rows = _load("math", which, d)
         return [_with_id(r, r.get("unique_id") or f"math/{which}/{i}") for i, r in enumerate(rows)]
     if task == "humaneval":
         ds = options.get("humaneval_dataset", "humaneval")
@@ -210,12 +222,23 @@ def question_of(row: dict) -> str:
     return ""
 
 
-def eval_test_texts(d: DataDir) -> set[str]:
-    """Normalised question texts of every evaluation task's test set (training + unseen tasks)."""
-    out: set[str] = set()
-    for t in TRAINING_TASKS + UNSEEN_TASKS:
-        out.update(normalise_text(question_of(r)) for r in task_split(t, "test", d))
-    return out
+_TEXTS_CACHE: dict[tuple, frozenset[str]] = {}
+
+
+def eval_test_texts(d: DataDir) -> frozenset[str]:
+    """Normalised question texts of every evaluation task's test set (training + unseen tasks).
+
+    Cached per data directory while its manifest is unchanged."""
+    from . import _data_dir
+
+    m = _data_dir(d) / "manifest.json"
+    key = (str(m.resolve()), m.stat().st_mtime_ns if m.exists() else None)
+    if key not in _TEXTS_CACHE:
+        out: set[str] = set()
+        for t in TRAINING_TASKS + UNSEEN_TASKS:
+            out.update(normalise_text(question_of(r)) for r in task_split(t, "test", d))
+        _TEXTS_CACHE[key] = frozenset(out)
+    return _TEXTS_CACHE[key]
 
 
 def cls_partition(rows: Sequence[dict]) -> dict[str, list[dict]]:
@@ -274,6 +297,15 @@ def mbpp_version(data_dir: DataDir = None) -> str:
 
 def split_sizes(data_dir: DataDir = None, tasks: Sequence[str] = TASKS) -> dict[str, Any]:
     """{task: {split: rows}} for every task and split, plus "mbpp_version" and per-source cls counts."""
+    global _MEMO
+    outer, _MEMO = _MEMO, {} if _MEMO is None else _MEMO
+    try:
+        return _split_sizes(data_dir, tasks)
+    finally:
+        _MEMO = outer
+
+
+def _split_sizes(data_dir: DataDir, tasks: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for t in tasks:
         out[t] = {s: len(task_split(t, s, data_dir)) for s in splits_for(t)}
