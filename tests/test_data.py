@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -75,7 +76,7 @@ def test_prepare_all_counts_and_manifest(prepared):
             p = prepared / e["path"]
             assert e["path"] == f"{name}/{split}.jsonl"
             assert e["rows"] == n == len(load_jsonl(name, split, prepared))
-            assert e["sha256"] == __import__("hashlib").sha256(p.read_bytes()).hexdigest()
+            assert e["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
             assert e["source"].startswith("mirror:")
             assert e["version"]
     assert man["datasets"]["mbppplus"]["test"]["version"] == "v0.2.0"
