@@ -18,6 +18,7 @@ from .errors import T2EvalError
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("t2eval.models.cli", "build/download a model as an HF safetensors directory"),
     "prepare-data": ("t2eval.data.cli", "materialise every dataset split as canonical JSONL + manifest"),
+    "decompose": ("t2eval.decompose_cli", "thin fp32 SVD of the SVF target matrices into a validated cache"),
     "tables": ("t2eval.report.tables", "paper tables 1-5 (+9) from raw result cells, beside the published numbers"),
     "figures": ("t2eval.report.figures", "figures 4, 6, 7 (PNG + CSV) from training logs, dispatch fields and alpha files"),
 }
