@@ -104,8 +104,9 @@ class _CodeTask(Task):
 
     def execute(self, docs, completions):
         """Per-doc sandbox results (ExecResult with passed/status/reason)."""
-        from .sandbox import run_programs
+        from .sandbox import check_allowed, run_programs
 
+        check_allowed(self.allow_code_execution)  # before touching any completion
         progs = [self.program(d, c) for d, c in zip(docs, completions)]
         return run_programs(progs, allow_code_execution=self.allow_code_execution, workers=self.workers)
 
@@ -157,6 +158,13 @@ class MBPP(_CodeTask):
 class HumanEval(_CodeTask):
     key = "humaneval"
     dataset = "humaneval"
+
+    def docs(self, split: str, data_dir=None) -> list[dict]:
+        """HumanEval+ rows (same 164 problems, plus base_input) when scoring the evalplus way."""
+        from ..data.splits import task_split
+
+        ds = "humanevalplus" if self.tests == "evalplus" else "humaneval"
+        return list(task_split(self.key, split, data_dir, humaneval_dataset=ds))
 
     def user_message(self, doc: dict) -> str:
         return humaneval_instruction(doc["prompt"])

@@ -1,0 +1,50 @@
+"""lm-eval hooks for the t2_* tasks: load our protocol splits and score with our task objects.
+
+Each row handed to lm-eval carries the original doc as JSON ("t2_doc") plus the rendered system
+message ("t2_system", used as the task `description`, which lm-eval turns into the system message
+under apply_chat_template), the user message ("t2_user", doc_to_text) and the pre-fill
+("t2_prefill", gen_prefix). process_results calls the same `score_batch` as the RL reward.
+Data dir: $T2EVAL_DATA_DIR (default data/).
+"""
+
+import json
+import os
+
+
+def load(task="gsm8k", split="test", family=None, options=None, **_ignored):
+    """custom_dataset hook: {"test": Dataset} of the protocol rows of `task`/`split`."""
+    import datasets
+
+    from t2eval.tasks import get_task
+
+    t = get_task(task, **(options or {}))
+    data_dir = os.environ.get("T2EVAL_DATA_DIR", "data")
+    rows = []
+    for doc in t.docs(split, data_dir):
+        msgs, prefill = t.messages(doc, family)
+        system = "".join(m["content"] for m in msgs if m["role"] == "system")
+        user = [m["content"] for m in msgs if m["role"] == "user"][-1]
+        rows.append({"doc_id": str(doc["doc_id"]), "t2_task": task,
+                     "t2_options": json.dumps(options or {}), "t2_system": system,
+                     "t2_user": user, "t2_prefill": prefill, "t2_doc": json.dumps(doc)})
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def _task(row):
+    from t2eval.tasks import get_task
+
+    return get_task(row["t2_task"], **json.loads(row["t2_options"]))
+
+
+def doc_to_text(row):
+    return row["t2_user"]
+
+
+def doc_to_target(row):
+    return _task(row).reference(json.loads(row["t2_doc"]))
+
+
+def process_results(row, results):
+    task = _task(row)
+    ok = task.score_batch([json.loads(row["t2_doc"])], [results[0]])[0]
+    return {"pass@1" if task.metric == "pass@1" else "acc": float(ok)}
