@@ -266,7 +266,7 @@ def _thin_svd(w, device: str = "cpu"):
         U = Uh.T.contiguous()
     rec = (U * S) @ V.T
     err = (torch.linalg.norm(rec - w32) / torch.linalg.norm(w32).clamp_min(1e-30)).item()
-    return U.contiguous().cpu(), S.contiguous().cpu(), V.cpu(), err
+    return U.cpu().contiguous(), S.cpu().contiguous(), V.cpu().contiguous(), err
 
 
 def decompose(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp",
