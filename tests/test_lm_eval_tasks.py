@@ -1,0 +1,104 @@
+"""lm-eval task YAMLs: they load our splits, render exactly `task.prompt(...)` and run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from t2eval.tasks import get_task, lm_eval_task_dir, lm_eval_task_name
+from t2eval.tasks.code import CODE_CHAT_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def data_dir(data_mirror, tmp_path_factory):
+    from t2eval.cli import main
+
+    d = tmp_path_factory.mktemp("data")
+    assert main(["prepare-data", "--mirror", str(data_mirror), "--out", str(d)]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def env(data_dir, monkeypatch_module):
+    monkeypatch_module.setenv("T2EVAL_DATA_DIR", str(data_dir))
+    monkeypatch_module.setenv("HF_ALLOW_CODE_EVAL", "1")
+    monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _evaluate(model_dir, tasks, chat_template=None, limit=2):
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    kw = {"chat_template_args": {"chat_template": chat_template}} if chat_template else {}
+    lm = HFLM(pretrained=str(model_dir), device="cpu", max_length=2048, batch_size=2, **kw)
+    tm = TaskManager(include_path=str(lm_eval_task_dir()))
+    return lm, lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, apply_chat_template=True,
+                                       task_manager=tm, confirm_run_unsafe_code=True,
+                                       gen_kwargs="max_gen_toks=8", log_samples=True)
+
+
+def _check(lm, out, names):
+    for name, (key, family) in names.items():
+        res = out["results"][name]
+        metric = "pass@1,none" if get_task(key).metric == "pass@1" else "acc,none"
+        assert 0.0 <= res[metric] <= 1.0, (name, res)
+        samples = out["samples"][name]
+        assert len(samples) == 2
+        for s in samples:
+            row = s["doc"]
+            t = get_task(row["t2_task"], **json.loads(row["t2_options"]))
+            doc = json.loads(row["t2_doc"])
+            ctx = s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict) else s["arguments"][0][0]
+            assert ctx == t.prompt(lm.tokenizer, doc, family), name
+            # the logged metric equals our scorer on the logged completion
+            assert s[metric.split(",")[0]] == float(t.score_batch([doc], [s["resps"][0][0]])[0])
+
+
+def test_yaml_names_match_helper():
+    names = {p.stem for p in lm_eval_task_dir().glob("t2_*.yaml")}
+    expected = set()
+    for key in ("gsm8k", "arc_easy", "mbpp", "cls"):
+        expected |= {lm_eval_task_name(key, s) for s in ("test", "train", "valid")}
+    for key in ("math", "humaneval", "arc_challenge"):
+        expected |= {lm_eval_task_name(key), lm_eval_task_name(key, fewshot_excluded=True)}
+    expected |= {n + "_llama3" for n in expected if n.startswith("t2_arc_")}
+    assert names == expected
+
+
+def test_fewshot_test_excludes_heldout(env):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("t2_utils", lm_eval_task_dir() / "t2_utils.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    full = mod.load(task="arc_challenge", split="test")["test"]
+    rest = mod.load(task="arc_challenge", split="fewshot_test")["test"]
+    held = get_task("arc_challenge").docs("fewshot_heldout", env)
+    assert len(full) == 1172 and len(rest) == 1162 and len(held) == 10
+    assert not {json.loads(r)["id"] for r in rest["t2_doc"]} & {d["id"] for d in held}
+
+
+def test_model_template_tasks_end_to_end(env, tiny_model):
+    names = {"t2_gsm8k": ("gsm8k", None), "t2_arc_easy_valid": ("arc_easy", None),
+             "t2_arc_challenge_llama3": ("arc_challenge", "llama3"),
+             "t2_math_fewshot_test": ("math", None), "t2_cls": ("cls", None)}
+    lm, out = _evaluate(tiny_model, list(names))
+    _check(lm, out, names)
+
+
+def test_code_tasks_end_to_end(env, tiny_model):
+    names = {"t2_mbpp": ("mbpp", None), "t2_humaneval": ("humaneval", None)}
+    lm, out = _evaluate(tiny_model, list(names), chat_template=CODE_CHAT_TEMPLATE)
+    _check(lm, out, names)
+    ctx = out["samples"]["t2_mbpp"][0]["arguments"]
+    assert "@@ Response:```python" in json.dumps(ctx)
