@@ -1,0 +1,1 @@
+"""Training: batched rollouts, SVF REINFORCE (reinforce.py), the LoRA baseline (lora.py)."""

@@ -1,0 +1,101 @@
+"""The batched sequence losses shared by the SVF and LoRA trainers (REINFORCE and next-token prediction).
+
+One function, `sequence_loss_backward`, computes for a batch of (prompt, completion) token lists
+
+    loss = Σ_j [ −w_j · Σ_t log π(ŷ_jt | x_j, ŷ_j<t)  +  λ · k_j · Σ_t KL_t ]
+
+over the completion tokens only, in padded micro-batches (left padding, attention masks,
+explicit position ids), calling `backward()` once per micro-batch so gradients accumulate in
+whatever leaves `forward` depends on (SVF: the composed weights W′; LoRA: the adapter weights).
+
+REINFORCE (PROTOCOL §3): w_j = r_j / B, k_j = 1 / B. Next-token prediction: w_j = 1 / (total
+completion tokens), i.e. the mean token NLL of the batch. The KL is over the full vocabulary,
+against `ref_forward` (the base model), per completion position:
+  - "code"  (default, what the release computes with F.kl_div(policy_logp, ref_logp, log_target=True)):
+    KL(π_W ‖ π_W′) = Σ_v π_W (log π_W − log π_W′)
+  - "paper" (the paper's J(z)): KL(π_W′ ‖ π_W) = Σ_v π_W′ (log π_W′ − log π_W)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..backends.hf import completion_logits
+
+KL_DIRECTIONS = ("code", "paper")
+
+
+def pg_weights(rewards: Sequence[float], batch_size: int | None = None) -> list[float]:
+    """REINFORCE per-sequence weights r_j / B."""
+    b = batch_size or len(rewards)
+    return [float(r) / b for r in rewards]
+
+
+def ntp_weights(completion_ids: Sequence[Sequence[int]]) -> list[float]:
+    """Next-token-prediction weights: 1 / total completion tokens (mean token NLL)."""
+    n = max(1, sum(len(c) for c in completion_ids))
+    return [1.0 / n] * len(completion_ids)
+
+
+def _micro_batches(lengths: Sequence[int], micro_batch: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # similar lengths share padding
+    return [order[i:i + micro_batch] for i in range(0, len(order), max(1, micro_batch))]
+
+
+def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, direction: str = "code") -> torch.Tensor:
+    """Full-vocabulary KL per position ([..., V] log-probs → [...])."""
+    if direction == "code":
+        return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    if direction == "paper":
+        return (logp.exp() * (logp - ref_logp)).sum(-1)
+    raise ValueError(f"kl direction must be one of {KL_DIRECTIONS}, not {direction!r}")
+
+
+def sequence_loss_backward(forward: Callable, prompt_ids: Sequence[Sequence[int]],
+                           completion_ids: Sequence[Sequence[int]], weights: Sequence[float], *,
+                           pad_id: int, micro_batch: int = 8, device="cpu", kl_coef: float = 0.0,
+                           kl_weights: Sequence[float] | None = None, ref_forward: Callable | None = None,
+                           kl_direction: str = "code", backward: bool = True) -> dict[str, float]:
+    """Accumulate the gradient of the loss above; returns {loss, pg_loss, kl, n_tokens}.
+
+    `pg_loss` = −Σ_j w_j Σ_t log π; `kl` = Σ_j k_j Σ_t KL (before λ); `loss` = pg_loss + λ·kl.
+    With `backward=False` nothing is differentiated (evaluation of the loss only).
+    """
+    if len(prompt_ids) != len(completion_ids) or len(prompt_ids) != len(weights):
+        raise ValueError("prompt_ids, completion_ids and weights must have the same length")
+    use_kl = kl_coef > 0
+    if use_kl and ref_forward is None:
+        raise ValueError("kl_coef > 0 needs ref_forward (the base model)")
+    kw = list(kl_weights) if kl_weights is not None else [1.0 / max(1, len(prompt_ids))] * len(prompt_ids)
+    total = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "n_tokens": 0}
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    for idx in _micro_batches(lengths, micro_batch):
+        comps = [completion_ids[i] for i in idx]
+        if not any(comps):
+            continue
+        prompts = [prompt_ids[i] for i in idx]
+        ctx = torch.enable_grad() if backward else torch.no_grad()
+        with ctx:
+            logits, targets, mask = completion_logits(forward, prompts, comps, pad_id, device)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+            w = torch.tensor([weights[i] for i in idx], dtype=logp.dtype, device=logp.device)
+            pg = -(tok.sum(-1) * w).sum()
+            loss = pg
+            kl = torch.zeros((), dtype=logp.dtype, device=logp.device)
+            if use_kl:
+                with torch.no_grad():
+                    ref_logits, _, _ = completion_logits(ref_forward, prompts, comps, pad_id, device)
+                    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
+                kwt = torch.tensor([kw[i] for i in idx], dtype=logp.dtype, device=logp.device)
+                kl = ((token_kl(logp, ref_logp, kl_direction) * mask).sum(-1) * kwt).sum()
+                loss = loss + kl_coef * kl
+            if backward and loss.requires_grad:
+                loss.backward()
+        total["loss"] += float(loss.detach())
+        total["pg_loss"] += float(pg.detach())
+        total["kl"] += float(kl.detach())
+        total["n_tokens"] += int(mask.sum())
+    return total

@@ -1,0 +1,283 @@
+"""SVF REINFORCE training on the tiny model: batched gradient, KL, resume, NaN guard, best-valid, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from t2eval.errors import T2EvalError
+from t2eval.testing import tiny_model_dir
+
+STOP = ["Instruction:", "Instruction", "Response:", "Response"]
+WORDS = ["apple", "river", "stone", "cloud", "table", "music", "green", "seven", "light", "north",
+         "paper", "horse", "glass", "dream", "smile", "chair", "ocean", "tiger", "bread", "field"]
+
+
+class ToyTask:
+    """A real (if silly) task: chat prompts, a deterministic scorer that depends on the text.
+
+    "Correct" = the crc32 of the completion is even: arbitrary, but it reacts to any change of
+    the generated text, so rewards are ±1 mixes and validation scores move when z moves.
+    """
+
+    key = "toy"
+    metric = "acc"
+    gen_kwargs = {"max_new_tokens": 4, "stop": STOP}
+
+    def docs(self, split, data_dir=None):
+        start = {"train": 0, "valid": 8, "test": 12}[split]
+        n = {"train": 8, "valid": 4, "test": 2}[split]
+        return [{"doc_id": f"toy/{i}", "q": f"Write about the {WORDS[i]}.", "ref": f"The {WORDS[i]} is nice."}
+                for i in range(start, start + n)]
+
+    def prompt(self, tokenizer, doc, family=None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": doc["q"]}], tokenize=False,
+                                             add_generation_prompt=True)
+
+    def reference(self, doc):
+        return doc["ref"]
+
+    def score_batch(self, docs, completions):
+        return [zlib.crc32(c.encode()) % 2 == 0 for c in completions]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_dir(0)
+
+
+@pytest.fixture(scope="module")
+def svd_path(tiny, tmp_path_factory):
+    from t2eval.svd import decompose
+
+    out = tmp_path_factory.mktemp("svd") / "tiny-mlp.safetensors"
+    decompose(tiny, "mlp", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny, svd_path):
+    from t2eval.models.loading import load_model, load_tokenizer
+    from t2eval.svd import load_svd
+
+    return load_model(str(tiny)), load_tokenizer(str(tiny)), load_svd(svd_path)
+
+
+def _batch(tok, n=5):
+    from t2eval.train.rollout import encode_completions
+
+    task = ToyTask()
+    docs = task.docs("train")[:n]
+    prompts = [task.prompt(tok, d) for d in docs]
+    comps = ["yes", " the river runs far away", "", "Seven seas and more", "ok ok ok ok ok ok ok ok"][:n]
+    return encode_completions(tok, prompts, comps)
+
+
+def _rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def test_batched_gradient_equals_per_sample(loaded):
+    from torch.func import functional_call
+
+    from t2eval import svf
+    from t2eval.train import losses
+    from t2eval.train.reinforce import svf_policy_gradient
+
+    model, tok, svd = loaded
+    p_ids, c_ids = _batch(tok)
+    rewards = [1.0, -1.0, 1.0, -1.0, -1.0]
+    z0 = svf.init_z(svd, seed=3)
+    policy = svf.SVFModule(model, svd, z0)
+    stats = svf_policy_gradient(policy, p_ids, c_ids, losses.pg_weights(rewards), pad_id=tok.pad_token_id,
+                                micro_batch=3)
+    g_batched = torch.cat([p.grad.reshape(-1) for p in policy.z])
+
+    # reference: the per-sample formula, unpadded, plain autograd end to end
+    z = {n: v.clone().requires_grad_(True) for n, v in z0.items()}
+    total = torch.zeros(sum(v.numel() for v in z.values()))
+    pg = 0.0
+    for p, c, r in zip(p_ids, c_ids, rewards):
+        if not c:
+            continue
+        W = svf.functional_weights(z, svd, "code")
+        ids = torch.tensor([p + c])
+        logits = functional_call(model, W, args=(), kwargs={"input_ids": ids}).logits[0, len(p) - 1:-1]
+        ll = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).sum()
+        loss = -ll * r / len(rewards)
+        grads = torch.autograd.grad(loss, list(z.values()))
+        total += torch.cat([g.reshape(-1) for g in grads])
+        pg += float(loss.detach())
+    assert torch.linalg.norm(total) > 0
+    assert _rel(g_batched, total) <= 1e-5
+    assert stats["pg_loss"] == pytest.approx(pg, rel=1e-5)
+
+
+def test_kl_zero_at_base_and_positive_after_change(loaded):
+    from t2eval import svf
+    from t2eval.train import losses
+
+    model, tok, svd = loaded
+    p_ids, c_ids = _batch(tok, 4)
+    w = losses.pg_weights([1.0] * 4)
+    const = {n: torch.full((svd.rank(n),), 0.3) for n in svd.names}  # constant z: W' = W (code param)
+    for direction in losses.KL_DIRECTIONS:
+        at_base = losses.sequence_loss_backward(svf.SVFModule(model, svd, const), p_ids, c_ids, w,
+                                                pad_id=tok.pad_token_id, kl_coef=0.1, ref_forward=model,
+                                                kl_direction=direction, backward=False)
+        assert abs(at_base["kl"]) < 1e-6
+        moved = {n: v + torch.linspace(-2, 2, v.numel()) for n, v in const.items()}
+        off = losses.sequence_loss_backward(svf.SVFModule(model, svd, moved), p_ids, c_ids, w,
+                                            pad_id=tok.pad_token_id, kl_coef=0.1, ref_forward=model,
+                                            kl_direction=direction, backward=False)
+        assert off["kl"] > 1e-4
+        assert off["loss"] == pytest.approx(off["pg_loss"] + 0.1 * off["kl"], rel=1e-6)
+
+
+def _cfg(tiny, svd_path, out, **kw):
+    from t2eval.train.reinforce import SVFTrainConfig
+
+    base = dict(model=str(tiny), svd=str(svd_path), task="toy", out=str(out), iterations=3, batch_size=4,
+                micro_batch=2, max_new_tokens=4, eval_every=1, eval_limit=None, lr=0.5, grad_clip=1.0,
+                seed=1, progress=False)
+    base.update(kw)
+    return SVFTrainConfig(**base)
+
+
+def _z(path):
+    from t2eval.svf import ExpertVector
+
+    return ExpertVector.load(path).z
+
+
+def _rows(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, svd_path, tmp_path_factory):
+    from t2eval.train.reinforce import train_svf
+
+    out = tmp_path_factory.mktemp("full")
+    summary = train_svf(_cfg(tiny, svd_path, out), task=ToyTask())
+    return out, summary
+
+
+def test_outputs_log_and_best_valid(full_run):
+    out, summary = full_run
+    assert summary["finished"]
+    for f in ("z.safetensors", "log.jsonl", "checkpoints/latest.pt", "provenance.json"):
+        assert (out / f).exists(), f
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        for k in ("reward_mean", "reward_std", "pg_loss", "kl", "grad_norm", "z_mean", "z_std", "z_min",
+                  "z_max", "lr", "time", "split_scores", "best"):
+            assert k in r, k
+        assert set(r["split_scores"]) == {"train", "valid", "test"}
+        assert set(r["time"]) == {"rollout_s", "grad_s", "eval_s"}
+    valids = [r["split_scores"]["valid"] for r in rows]
+    best_it = max(range(len(valids)), key=lambda i: (valids[i], -i))  # first maximum
+    assert [r["best"] for r in rows].count(True) >= 1
+    assert rows[best_it]["best"]
+    assert summary["best"]["iteration"] == best_it
+    ck = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    saved = _z(out / "z.safetensors")
+    if best_it != 2:  # the best checkpoint is not the final z: it must be the one at the best iteration
+        assert any(not torch.equal(saved[n], ck["z"][n]) for n in saved)
+    meta_iter = json.loads(__import__("safetensors").safe_open(out / "z.safetensors", "pt").metadata()["meta"])
+    assert meta_iter["training"]["iteration"] == best_it
+
+
+def test_resume_gives_identical_final_z(full_run, tiny, svd_path, tmp_path):
+    from t2eval.train.reinforce import train_svf
+
+    out_full, _ = full_run
+    cfg = _cfg(tiny, svd_path, tmp_path, stop_after=1)
+    first = train_svf(cfg, task=ToyTask())
+    assert not first["finished"] and len(_rows(tmp_path)) == 1
+    with open(tmp_path / "log.jsonl", "a") as f:  # a row of an iteration killed before its checkpoint
+        f.write('{"iteration": 1, "partial": true}\n')
+    cfg.stop_after = None
+    train_svf(cfg, task=ToyTask())
+    a = torch.load(out_full / "checkpoints" / "latest.pt", weights_only=False)["z"]
+    b = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)["z"]
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    za, zb = _z(out_full / "z.safetensors"), _z(tmp_path / "z.safetensors")
+    assert all(torch.equal(za[n], zb[n]) for n in za)
+    ra, rb = _rows(out_full), _rows(tmp_path)
+    assert [r["iteration"] for r in rb] == [0, 1, 2]
+    strip = lambda r: {k: v for k, v in r.items() if k != "time"}  # noqa: E731
+    assert [strip(r) for r in ra] == [strip(r) for r in rb]
+
+
+def test_resume_refuses_other_settings(full_run, tiny, svd_path, tmp_path):
+    from t2eval.train.reinforce import train_svf
+
+    out_full, _ = full_run
+    shutil.copytree(out_full, tmp_path / "run")
+    with pytest.raises(T2EvalError, match="other settings.*lr"):
+        train_svf(_cfg(tiny, svd_path, tmp_path / "run", lr=0.1), task=ToyTask())
+
+
+def test_nan_guard_keeps_last_good_checkpoint(tiny, svd_path, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from t2eval.train.reinforce import train_svf
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny, model_dir)
+    out = tmp_path / "run"
+    # ntp: the scored tokens are the references, so a broken forward must show up in the loss
+    cfg = _cfg(tiny, svd_path, out, model=str(model_dir), iterations=3, stop_after=1, objective="ntp")
+    train_svf(cfg, task=ToyTask())
+    ck_bytes = (out / "checkpoints" / "latest.pt").read_bytes()
+    z_bytes = (out / "z.safetensors").read_bytes()
+    # break a non-SVF weight (the final norm) so the next forward produces NaN
+    w = load_file(model_dir / "model.safetensors")
+    w["model.norm.weight"] = torch.full_like(w["model.norm.weight"], float("nan"))
+    save_file(w, model_dir / "model.safetensors", metadata={"format": "pt"})
+    cfg.stop_after = None
+    with pytest.raises(T2EvalError, match="loss is NaN/inf at iteration 1.*last good checkpoint"):
+        train_svf(cfg, task=ToyTask())
+    assert (out / "checkpoints" / "latest.pt").read_bytes() == ck_bytes
+    assert (out / "z.safetensors").read_bytes() == z_bytes
+    assert len(_rows(out)) == 1
+
+
+def test_nan_z_stops_before_any_checkpoint(tiny, svd_path, tmp_path):
+    from t2eval.train.reinforce import train_svf
+
+    with pytest.raises(T2EvalError, match="z is NaN/inf at iteration 0.*no checkpoint"):
+        train_svf(_cfg(tiny, svd_path, tmp_path, lr=float("inf"), iterations=1), task=ToyTask())
+    assert not (tmp_path / "checkpoints" / "latest.pt").exists()
+    assert not (tmp_path / "z.safetensors").exists()
+
+
+def test_ntp_objective_lowers_reference_nll(tiny, svd_path, tmp_path, loaded):
+    from t2eval import svf
+    from t2eval.train import losses
+    from t2eval.train.reinforce import train_svf
+    from t2eval.train.rollout import encode_completions
+
+    model, tok, svd = loaded
+    task = ToyTask()
+    docs = task.docs("train")
+    p_ids, c_ids = encode_completions(tok, [task.prompt(tok, d) for d in docs], [task.reference(d) for d in docs],
+                                      append_eos=True)
+
+    def nll(z):
+        return losses.sequence_loss_backward(svf.SVFModule(model, svd, z), p_ids, c_ids, losses.ntp_weights(c_ids),
+                                             pad_id=tok.pad_token_id, backward=False)["pg_loss"]
+
+    before = nll(svf.init_z(svd, 1))
+    train_svf(_cfg(tiny, svd_path, tmp_path, objective="ntp", iterations=3, batch_size=10, lr=0.05,
+                   eval_every=10), task=task)
+    ck = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    assert nll(ck["z"]) < before
+    assert _rows(tmp_path)[0]["reward_mean"] is None
