@@ -1,0 +1,434 @@
+"""SVF expert vectors (PROTOCOL §2): parameterisations, W′ composition, in-place apply/restore,
+mixtures, σ-order shuffling, the expert file format and the differentiable training path.
+
+Every targeted matrix W = U diag(σ) Vᵀ (see :mod:`t2eval.svd`) gets one vector z (length r). The
+backends only ever see per-matrix *scales* s with W′ = U diag(σ ⊙ s) Vᵀ, made here:
+
+* ``code`` (default, the released code): m = sigmoid(z) (max_mult = 1),
+  s = m · Σσ / Σ(σ ⊙ m) — the singular-value mass is kept, so a constant z gives W′ = W.
+  (If Σ(σ ⊙ m) is exactly 0 — only possible for an all-zero mixture α — s = 1, the base weights.)
+* ``paper``: s = z, i.e. W′ = U diag(σ ⊙ z) Vᵀ, so z = 1 gives W′ = W.
+
+All arithmetic is fp32 (fp64 if the inputs are fp64); W′ is cast to the model dtype at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .errors import CorruptArtifactError, T2EvalError
+from .svd import SVDCache, ordered_names
+
+log = logging.getLogger(__name__)
+
+FORMAT = "t2eval-svf-expert/1"
+PARAMS = ("code", "paper")
+
+
+def _check_param(param: str) -> str:
+    if param not in PARAMS:
+        raise T2EvalError(f"unknown SVF parameterisation {param!r}: use 'code' (default) or 'paper'")
+    return param
+
+
+def _cdtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- expert file
+
+@dataclass
+class ExpertVector:
+    """One expert: z per matrix name + metadata (base_model, targets, layers, param, task, provenance)."""
+
+    z: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def param(self) -> str:
+        return self.meta.get("param", "code")
+
+    @property
+    def names(self) -> list[str]:
+        return ordered_names(self.z)
+
+    @classmethod
+    def from_svd(cls, z: Mapping[str, torch.Tensor], svd: SVDCache, param: str = "code", task: str | None = None,
+                 provenance: Mapping | None = None, **extra) -> "ExpertVector":
+        """Wrap z with the metadata of the model `svd` was built from."""
+        model = svd.model
+        meta = {"base_model": {"key": model.get("key"), "dir": model.get("dir"),
+                               "config_sha256": model.get("config_sha256"),
+                               "tensor_sha256": {n: model["tensors"][n]["sha256"] for n in z
+                                                 if n in model.get("tensors", {})}},
+                "targets": svd.targets, "layers": svd.manifest.get("layers"), "param": _check_param(param),
+                "task": task, "provenance": dict(provenance or {}), **extra}
+        return cls({n: z[n].detach().to("cpu", torch.float32).contiguous() for n in ordered_names(z)}, meta)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Atomic write of ``z.safetensors`` (1-D fp32 tensors; metadata JSON under key ``meta``)."""
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+        tensors = {n: self.z[n].detach().to("cpu", torch.float32).reshape(-1).contiguous() for n in self.names}
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(self.meta, default=str)})
+        os.replace(tmp, p)
+        return p
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ExpertVector":
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.exists():
+            raise T2EvalError(f"expert vector {p} not found: train it with `t2eval train-svf`")
+        try:
+            with safe_open(p, "pt") as h:
+                md = h.metadata() or {}
+                if md.get("format") != FORMAT:
+                    raise CorruptArtifactError(f"{p} is not an SVF expert file (format={md.get('format')!r})")
+                meta = json.loads(md["meta"])
+                z = {k: h.get_tensor(k) for k in h.keys()}
+        except CorruptArtifactError:
+            raise
+        except Exception as e:
+            raise CorruptArtifactError(f"expert vector {p} is unreadable ({type(e).__name__}: {e}); "
+                                       "retrain it or restore a checkpoint") from None
+        for n, t in z.items():
+            if t.ndim != 1 or t.dtype != torch.float32 or not torch.isfinite(t).all():
+                raise CorruptArtifactError(f"expert vector {p}: {n} is not a finite 1-D fp32 tensor")
+        return cls(z, meta)
+
+
+ZLike = Union[ExpertVector, Mapping[str, torch.Tensor]]
+
+
+def init_z(svd: SVDCache, seed: int, mean: float = 0.1, std: float = 0.01,
+           names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """z ~ mean + N(0, std²) per matrix (PROTOCOL §2 code init), one generator, canonical order."""
+    g = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for n in ordered_names(names or svd.names):
+        out[n] = mean + std * torch.randn(svd.rank(n), generator=g, dtype=torch.float32)
+    return out
+
+
+# --------------------------------------------------------------------------- compatibility
+
+def check_compatible(expert: ZLike, svd: SVDCache, allow_cross_model: bool = False) -> dict[str, torch.Tensor]:
+    """The z dict of `expert` if it can be applied with `svd`; else a T2EvalError saying why.
+
+    Names and vector lengths must match (never overridable). An expert trained on another base
+    model (config or any targeted tensor's sha256 differs) is refused unless `allow_cross_model`
+    (PROTOCOL §6, Table 5: Llama3 experts on Mistral).
+    """
+    z = dict(expert.z if isinstance(expert, ExpertVector) else expert)
+    where = f" ({expert.meta.get('task')} expert of {expert.meta.get('base_model', {}).get('key')})" \
+        if isinstance(expert, ExpertVector) else ""
+    missing = [n for n in z if n not in svd]
+    if missing:
+        raise T2EvalError(f"expert vector{where} targets {len(missing)} matrix(es) the SVD cache "
+                          f"{svd.path} lacks (e.g. {missing[0]}); the cache holds {svd.targets!r} on layers "
+                          f"{svd.manifest.get('layers')!r}: decompose with the expert's targets/layers")
+    bad = [(n, z[n].numel(), svd.rank(n)) for n in z if z[n].ndim != 1 or z[n].numel() != svd.rank(n)]
+    if bad:
+        n, a, b = bad[0]
+        raise T2EvalError(f"expert vector{where} does not fit this model: {n} has {a} values but rank {b} "
+                          f"({len(bad)} mismatching matrices); experts transfer only between equal shapes")
+    if isinstance(expert, ExpertVector) and not allow_cross_model:
+        base = expert.meta.get("base_model") or {}
+        model = svd.model
+        diff = []
+        if base.get("config_sha256") and base["config_sha256"] != model.get("config_sha256"):
+            diff.append("config")
+        shas = base.get("tensor_sha256") or {}
+        if any(model.get("tensors", {}).get(n, {}).get("sha256") not in (None, s) for n, s in shas.items()):
+            diff.append("weights")
+        if diff:
+            raise T2EvalError(f"expert vector{where} was trained on {base.get('key')} ({base.get('dir')}), "
+                              f"not on {model.get('key')} ({' and '.join(diff)} differ); pass "
+                              "allow_cross_model=True (cross-model transfer) if that is intended")
+    return z
+
+
+def _param_of(expert: ZLike, param: str | None) -> str:
+    if isinstance(expert, ExpertVector):
+        if param is not None and param != expert.param:
+            raise T2EvalError(f"expert was trained with the {expert.param!r} parameterisation, "
+                              f"not {param!r}: its z values mean something else")
+        return expert.param
+    return _check_param(param or "code")
+
+
+# --------------------------------------------------------------------------- scales
+
+def _code_rescale(m: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    S = S.to(device=m.device, dtype=m.dtype)
+    mass = (S * m).sum()
+    if not mass.requires_grad and mass.item() == 0.0:
+        return torch.ones_like(m)
+    return m * (S.sum() / mass)
+
+
+def scale_vector(z: torch.Tensor, S: torch.Tensor, param: str = "code") -> torch.Tensor:
+    """s for one matrix (differentiable in z)."""
+    z = z.to(_cdtype(z))
+    if param == "paper":
+        return z
+    if param == "code":
+        return _code_rescale(torch.sigmoid(z), S)
+    _check_param(param)
+
+
+def scales(expert: ZLike, svd: SVDCache, param: str | None = None,
+           allow_cross_model: bool = False) -> dict[str, torch.Tensor]:
+    """name -> fp32 scale vector s for one expert (ExpertVector or z dict)."""
+    param = _param_of(expert, param)
+    z = check_compatible(expert, svd, allow_cross_model)
+    with torch.no_grad():
+        return {n: scale_vector(z[n].detach(), svd.S[n], param).float() for n in ordered_names(z)}
+
+
+def mix_scales(experts: Sequence[ZLike], alpha, svd: SVDCache, param: str | None = None,
+               per: str = "vector", normalise: bool = False,
+               allow_cross_model: bool = False) -> dict[str, torch.Tensor]:
+    """Scales of the mixture Σ_k α_k · expert_k (PROTOCOL §6 few-shot).
+
+    code: m′ = Σ_k α_k sigmoid(z_k), then the σ-mass rescale; paper: z′ = Σ_k α_k z_k.
+    `alpha`: shape (K,) for per="vector", (K, n_matrices) for per="matrix" with the matrices in
+    canonical order (:func:`t2eval.svd.ordered_names` of the experts' names). `normalise` divides
+    each column by its sum (all-zero columns stay zero).
+    """
+    if not experts:
+        raise T2EvalError("mix_scales needs at least one expert")
+    params = {_param_of(e, param) for e in experts}
+    if len(params) != 1:
+        raise T2EvalError(f"cannot mix experts trained with different parameterisations {sorted(params)}")
+    param = params.pop()
+    zs = [check_compatible(e, svd, allow_cross_model) for e in experts]
+    names = ordered_names(zs[0])
+    for k, z in enumerate(zs[1:], 1):
+        if set(z) != set(names):
+            raise T2EvalError(f"expert {k} targets other matrices than expert 0; mix experts of one target set")
+    a = torch.as_tensor(alpha, dtype=torch.float64).detach().cpu()
+    K = len(experts)
+    if per == "vector":
+        if a.shape != (K,):
+            raise T2EvalError(f"per-vector alpha must have shape ({K},), got {tuple(a.shape)}")
+        a = a[:, None].expand(K, len(names))
+    elif per == "matrix":
+        if a.shape != (K, len(names)):
+            raise T2EvalError(f"per-matrix alpha must have shape ({K}, {len(names)}) (experts × matrices "
+                              f"in canonical order), got {tuple(a.shape)}")
+    else:
+        raise T2EvalError(f"per must be 'vector' or 'matrix', not {per!r}")
+    if normalise:
+        tot = a.sum(0, keepdim=True)
+        a = torch.where(tot != 0, a / torch.where(tot != 0, tot, torch.ones_like(tot)), a)
+    out = {}
+    with torch.no_grad():
+        for j, n in enumerate(names):
+            vecs = [z[n].to(_cdtype(z[n])) for z in zs]
+            parts = [torch.sigmoid(v) for v in vecs] if param == "code" else vecs
+            acc = float(a[0, j]) * parts[0]
+            for k in range(1, K):
+                acc = acc + float(a[k, j]) * parts[k]
+            out[n] = (_code_rescale(acc, svd.S[n]) if param == "code" else acc).float()
+    return out
+
+
+def shuffle_sigma(z: ZLike, seed: int) -> ZLike:
+    """Table 5 ablation: permute the entries of every z vector at random.
+
+    Each matrix's vector gets its own permutation (torch.randperm from ONE generator seeded with
+    `seed`, matrices visited in canonical order), so the value learned for singular direction i is
+    applied to another direction of the same matrix; U, σ and V are untouched. Same seed, same
+    result. Returns the same type it got (an ExpertVector gets meta["shuffled_sigma"] = seed).
+    """
+    zd = z.z if isinstance(z, ExpertVector) else z
+    g = torch.Generator().manual_seed(int(seed))
+    out = {}
+    for n in ordered_names(zd):
+        perm = torch.randperm(zd[n].numel(), generator=g)
+        out[n] = zd[n].reshape(-1)[perm.to(zd[n].device)].clone()
+    if isinstance(z, ExpertVector):
+        return ExpertVector(out, {**z.meta, "shuffled_sigma": int(seed)})
+    return out
+
+
+# --------------------------------------------------------------------------- composition
+
+def compose(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, s: torch.Tensor | None,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W′ = U diag(σ ⊙ s) Vᵀ computed in fp32 (fp64 for fp64 inputs), then cast to `dtype`."""
+    ct = _cdtype(U)
+    sig = S.to(ct)
+    if s is not None:
+        sig = sig * s.to(device=S.device, dtype=ct)
+    W = (U.to(ct) * sig) @ V.to(ct).T
+    return W if dtype is None else W.to(dtype)
+
+
+def functional_weights(z: Mapping[str, torch.Tensor], svd: SVDCache, param: str = "code",
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """name -> W′(z), differentiable in z (for torch.func.functional_call)."""
+    _check_param(param)
+    return {n: compose(*svd.usv(n), scale_vector(z[n], svd.S[n], param), dtype) for n in ordered_names(z)}
+
+
+class SVFPatcher:
+    """Writes W′ into an HF model's parameters in place and puts the originals back exactly.
+
+    ``apply(scales)`` sets every named matrix to U diag(σ ⊙ s) Vᵀ (cast to the parameter's dtype)
+    and restores any matrix patched before but absent now; ``apply(None)`` / ``restore()`` copy the
+    saved original tensors back (bitwise identical). Originals are cloned on first patch to
+    `backup_device` (default: the parameter's own device). Usable as a context manager
+    (restores on exit). Returns seconds spent, for the backends' swap timing.
+    """
+
+    def __init__(self, model: torch.nn.Module, svd: SVDCache, backup_device: str | torch.device | None = None):
+        self.model, self.svd, self.backup_device = model, svd, backup_device
+        self._params = dict(model.named_parameters())
+        self._orig: dict[str, torch.Tensor] = {}
+        self._patched: set[str] = set()
+
+    def _param(self, name: str) -> torch.nn.Parameter:
+        if name not in self._params:
+            raise T2EvalError(f"the model has no parameter {name}: the scales were made for another architecture")
+        return self._params[name]
+
+    @torch.no_grad()
+    def apply(self, scales: Mapping[str, torch.Tensor] | None) -> float:
+        t0 = time.perf_counter()
+        if scales is None:
+            self.restore()
+            return time.perf_counter() - t0
+        for n in scales:
+            if n not in self.svd:
+                raise T2EvalError(f"no SVD factors for {n} in {self.svd.path}")
+        for n in list(self._patched - set(scales)):
+            self._param(n).copy_(self._orig.pop(n))
+            self._patched.discard(n)
+        for n, s in scales.items():
+            p = self._param(n)
+            U, S, V = self.svd.usv(n)
+            if (U.shape[0], V.shape[0]) != tuple(p.shape):
+                raise T2EvalError(f"SVD factors of {n} give {U.shape[0]}×{V.shape[0]}, the model has {tuple(p.shape)}")
+            if n not in self._orig:
+                self._orig[n] = p.detach().to(self.backup_device or p.device, copy=True)
+            p.copy_(compose(U, S, V, s, p.dtype))
+            self._patched.add(n)
+        return time.perf_counter() - t0
+
+    @torch.no_grad()
+    def restore(self) -> float:
+        t0 = time.perf_counter()
+        for n in list(self._orig):
+            self._param(n).copy_(self._orig.pop(n))
+        self._patched.clear()
+        return time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def patched(self, scales: Mapping[str, torch.Tensor] | None):
+        self.apply(scales)
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    def __enter__(self) -> "SVFPatcher":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.restore()
+        return False
+
+
+# --------------------------------------------------------------------------- training path
+
+class SVFModule(torch.nn.Module):
+    """Trainable z for an HF model whose targeted weights become W′(z) (base weights frozen).
+
+    ``forward(...)`` runs the model through ``torch.func.functional_call`` with W′(z), so the loss
+    backpropagates into ``z`` (an ``nn.ParameterList`` in canonical order; ``z_dict()`` by name).
+
+    Compose-once trick for gradient accumulation (``with svf.accumulate(): ...``): at the start of
+    an optimizer step W′(z) is computed once without a graph and installed as leaf tensors that
+    require grad; every micro-batch's forward/backward then only accumulates G = dL/dW′ in those
+    leaves (no per-micro-batch composition, no U·diag·Vᵀ graph kept alive); on exit W′(z) is
+    recomposed once *with* a graph and ``torch.autograd.backward(W′, G)`` pushes G into z.grad. By
+    the chain rule dL/dz = Σ_batches (∂W′/∂z)ᵀ G_b = (∂W′/∂z)ᵀ Σ_b G_b, this equals end-to-end
+    autograd (tested), at the cost of 2 compositions + 1 backward per step instead of per micro-batch.
+    For generation (rollouts) use :class:`SVFPatcher` with :meth:`scales`.
+    """
+
+    def __init__(self, model: torch.nn.Module, svd: SVDCache, z_init: ZLike, param: str = "code",
+                 allow_cross_model: bool = False):
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: its parameters are not ours to train
+        self.svd = svd
+        self.param = _param_of(z_init, param) if isinstance(z_init, ExpertVector) else _check_param(param)
+        z = check_compatible(z_init, svd, allow_cross_model)
+        self.names = ordered_names(z)
+        model.requires_grad_(False)
+        params = dict(model.named_parameters())
+        self._dtypes = {n: params[n].dtype for n in self.names}
+        self.z = torch.nn.ParameterList([torch.nn.Parameter(z[n].detach().clone().to(_cdtype(z[n])))
+                                         for n in self.names])
+        self._leaves: dict[str, torch.Tensor] | None = None
+
+    def z_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.z))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        W = functional_weights(self.z_dict(), self.svd, self.param)
+        return {n: w.to(self._dtypes[n]) for n, w in W.items()}
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        return scales(self.z_dict(), self.svd, self.param)
+
+    def forward(self, *args, **kwargs):
+        W = self._leaves if self._leaves is not None else self.weights()
+        return torch.func.functional_call(self.model, W, args, kwargs, strict=False)
+
+    def begin_step(self) -> None:
+        with torch.no_grad():
+            self._leaves = {n: w.detach().requires_grad_(True) for n, w in self.weights().items()}
+
+    def end_step(self) -> None:
+        leaves, self._leaves = self._leaves, None
+        if leaves is None:
+            raise RuntimeError("end_step() without begin_step()")
+        names = [n for n, w in leaves.items() if w.grad is not None]
+        if not names:
+            return
+        W = self.weights()
+        torch.autograd.backward([W[n] for n in names], [leaves[n].grad for n in names])
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        self.begin_step()
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            if ok:
+                self.end_step()
+            else:
+                self._leaves = None
+
+    def expert(self, task: str | None = None, provenance: Mapping | None = None, **extra) -> ExpertVector:
+        return ExpertVector.from_svd(self.z_dict(), self.svd, self.param, task, provenance, **extra)
