@@ -281,3 +281,33 @@ def test_ntp_objective_lowers_reference_nll(tiny, svd_path, tmp_path, loaded):
     ck = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
     assert nll(ck["z"]) < before
     assert _rows(tmp_path)[0]["reward_mean"] is None
+
+
+def test_cli_end_to_end_arc_easy(tiny, svd_path, tmp_path, data_mirror):
+    from t2eval.cli import main
+
+    data = tmp_path / "data"
+    assert main(["prepare-data", "--mirror", str(data_mirror), "--out", str(data), "--datasets", "arc_easy"]) == 0
+    out = tmp_path / "experts" / "tiny" / "svf" / "arc_easy"
+    argv = ["train-svf", "--model", str(tiny), "--svd", str(svd_path), "--task", "arc_easy", "--out", str(out),
+            "--iterations", "2", "--batch-size", "2", "--micro-batch", "2", "--max-new-tokens", "4",
+            "--eval-every", "1", "--eval-limit", "2", "--kl-coef", "0.1", "--optimizer", "adamw-cosine",
+            "--param", "code", "--seed", "0", "--backend", "hf", "--data-dir", str(data), "--no-progress"]
+    assert main(argv) == 0
+    for f in ("z.safetensors", "log.jsonl", "checkpoints/latest.pt", "provenance.json"):
+        assert (out / f).exists(), f
+    rows = _rows(out)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert rows[0]["kl"] >= 0 and rows[1]["lr"] < rows[0]["lr"]  # cosine decay
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["stage"] == "train-svf" and prov["config"]["optimizer"] == "adamw-cosine"
+    from t2eval.svf import ExpertVector
+
+    ev = ExpertVector.load(out / "z.safetensors")
+    assert ev.meta["task"] == "arc_easy" and ev.param == "code"
+    # finished: a rerun resumes at the end and changes nothing
+    before = (out / "log.jsonl").read_bytes()
+    assert main(argv) == 0
+    assert (out / "log.jsonl").read_bytes() == before
+    # a user error is a clean exit 2
+    assert main(argv[:-1] + ["--no-progress", "--micro-batch", "0"]) == 2

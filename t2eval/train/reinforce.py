@@ -189,6 +189,15 @@ def build_backend(kind: str, model, tokenizer, cfg, svd):
     raise T2EvalError(f"unknown backend {kind!r}: use hf or vllm")
 
 
+def load_task(key: str, **options):
+    """`get_task`, plus the training key cls_leakfree (= cls with leakfree=True)."""
+    from ..tasks import get_task
+
+    if key == "cls_leakfree":
+        return get_task("cls", **{"leakfree": True, **options})
+    return get_task(key, **options)
+
+
 def model_family(model_dir: str) -> str:
     from ..config import model_spec
 
@@ -222,9 +231,7 @@ def train_svf(cfg: SVFTrainConfig, task=None) -> dict:
 
     svf = _svf()
     if task is None:
-        from ..tasks import get_task
-
-        task = get_task(cfg.task, **cfg.task_options)
+        task = load_task(cfg.task, **cfg.task_options)
     family = model_family(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     for p in model.parameters():

@@ -1,0 +1,85 @@
+"""HFBackend on the tiny model: batched greedy == one-by-one, stop strings, log-likelihoods, SVF scales."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2eval.testing import tiny_model_dir
+
+QUESTIONS = ["hi", "What is 2 + 2? Explain at length, please.", "The quick brown fox jumps", "a",
+             "Name three rivers in Europe and say why they matter."]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from t2eval.backends.hf import HFBackend
+
+    return HFBackend(tiny_model_dir(0), batch_size=8)
+
+
+def _prompts(tok):
+    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in QUESTIONS]
+
+
+def test_batched_greedy_equals_one_by_one(backend):
+    ps = _prompts(backend.tokenizer)
+    batched = backend.generate(ps, 12)
+    single = [backend.generate([p], 12)[0] for p in ps]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.n_tokens for g in batched] == [g.n_tokens for g in single]
+    assert all(g.n_tokens == 12 for g in batched)  # the random tiny model never emits EOS this early
+
+
+def test_stop_strings_cut_text_and_count_tokens(backend):
+    ps = _prompts(backend.tokenizer)
+    free = backend.generate(ps, 20)
+    # a stop string taken from what the model actually writes, so it must trigger
+    word = next(t for g in free for t in g.text.split() if len(t) > 4)[:5]
+    stopped = backend.generate(ps, 20, stop=["Response", word])
+    single = [backend.generate([p], 20, stop=["Response", word])[0] for p in ps]
+    assert [g.text for g in stopped] == [g.text for g in single]
+    hit = 0
+    for f, s in zip(free, stopped):
+        assert word not in s.text and f.text.startswith(s.text)
+        if word in f.text:
+            hit += 1
+            assert s.n_tokens < 20 and s.text == f.text[:f.text.index(word)]
+    assert hit >= 1
+
+
+def test_sampling_is_seeded(backend):
+    ps = _prompts(backend.tokenizer)
+    a = backend.generate(ps, 8, temperature=1.0, seed=3)
+    b = backend.generate(ps, 8, temperature=1.0, seed=3)
+    assert [g.text for g in a] == [g.text for g in b]
+
+
+def test_loglikelihood_batched_matches_single_and_greedy_flag(backend):
+    ps = _prompts(backend.tokenizer)
+    first = backend.generate(ps[:1], 1)[0].token_ids[0]  # the greedy next token, as text
+    reqs = [(ps[0], backend.tokenizer.decode([first])), (ps[1], " zebra crossing"), (ps[2], " fox")]
+    assert backend.encode(reqs[0][1]) == [first]
+    batched = backend.loglikelihood(reqs)
+    single = [backend.loglikelihood([r])[0] for r in reqs]
+    for (a, ga), (b, gb) in zip(batched, single):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and ga == gb
+    assert batched[0][1] is True and batched[0][0] < 0
+
+
+def test_set_scales_changes_and_restores_weights(backend, tmp_path):
+    from t2eval import svf
+    from t2eval.backends.hf import HFBackend
+    from t2eval.svd import decompose, load_svd
+
+    decompose(tiny_model_dir(0), "mlp", tmp_path / "svd.safetensors")
+    svd = load_svd(tmp_path / "svd.safetensors")
+    b = HFBackend(tiny_model_dir(0), svd=svd)
+    name = svd.names[0]
+    before = b.model.get_parameter(name).detach().clone()
+    z = {n: torch.linspace(-3, 3, svd.rank(n)) for n in svd.names}
+    b.set_scales(svf.scales(z, svd))
+    assert not torch.allclose(b.model.get_parameter(name), before)
+    b.set_scales(None)
+    assert torch.equal(b.model.get_parameter(name), before)
