@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": ("t2eval.models.cli", "build/download a model as an HF safetensors directory"),
     "prepare-data": ("t2eval.data.cli", "materialise every dataset split as canonical JSONL + manifest"),
     "decompose": ("t2eval.decompose_cli", "thin fp32 SVD of the SVF target matrices into a validated cache"),
+    "train-svf": ("t2eval.train.svf_cli", "train an SVF expert vector with REINFORCE (resumable, best-valid checkpoint)"),
+    "train-lora": ("t2eval.train.lora_cli", "train the LoRA baseline (next-token prediction or policy gradient)"),
     "tables": ("t2eval.report.tables", "paper tables 1-5 (+9) from raw result cells, beside the published numbers"),
     "figures": ("t2eval.report.figures", "figures 4, 6, 7 (PNG + CSV) from training logs, dispatch fields and alpha files"),
 }
