@@ -385,6 +385,7 @@ class SVFModule(torch.nn.Module):
         model.requires_grad_(False)
         params = dict(model.named_parameters())
         self._dtypes = {n: params[n].dtype for n in self.names}
+        self._devices = {n: params[n].device for n in self.names}
         self.z = torch.nn.ParameterList([torch.nn.Parameter(z[n].detach().clone().to(_cdtype(z[n])))
                                          for n in self.names])
         self._leaves: dict[str, torch.Tensor] | None = None
@@ -394,7 +395,7 @@ class SVFModule(torch.nn.Module):
 
     def weights(self) -> dict[str, torch.Tensor]:
         W = functional_weights(self.z_dict(), self.svd, self.param)
-        return {n: w.to(self._dtypes[n]) for n, w in W.items()}
+        return {n: w.to(device=self._devices[n], dtype=self._dtypes[n]) for n, w in W.items()}
 
     def scales(self) -> dict[str, torch.Tensor]:
         return scales(self.z_dict(), self.svd, self.param)
