@@ -494,7 +494,12 @@ def load_svd(path: str | os.PathLike, expect_model: str | os.PathLike | None = N
         if want != manifest["layer_indices"]:
             raise StaleCacheError(f"SVD cache {p} covers layers {manifest['layers']!r}, expected {expect_layers!r}")
     if expect_model is not None:
-        _check_model(p, manifest, Path(expect_model), verify_weights)
+        md = Path(expect_model)
+        if not (md / "config.json").exists():  # a registry key: resolve it like every other stage
+            from .models.loading import resolve_model_dir
+
+            md = resolve_model_dir(str(expect_model))
+        _check_model(p, manifest, md, verify_weights)
     cache = SVDCache(p, manifest, U, S, V)
     return cache.to(device) if device != "cpu" else cache
 
