@@ -14,7 +14,8 @@ model_args
                  or expert_math=P,expert_code=P,expert_reasoning=P, or JSON model_args)
   cls_expert     PATH (strategy=cls)          alpha   PATH of alpha.json (strategy=fewshot)
   svd            PATH of the SVD cache         dispatch generate | logprob
-  param          code | paper                  shuffle_sigma  seed (cross-model σ shuffling) | none
+  param          code | paper (default: the expert's own)    shuffle_sigma  seed (Table 5 σ shuffle) | none
+  cross_model    true: allow experts trained on another base model (Table 5 transfer)
   dtype, batch_size, device, and any HFLM / VLLM argument.
 
 Two passes (PROTOCOL §6), per task and per request type: the first pass dispatches every document
@@ -43,13 +44,18 @@ from .errors import T2EvalError
 STRATEGIES = ("none", "prompt", "cls", "fewshot")
 DISPATCH_MODES = ("generate", "logprob")
 T2_KEYS = ("backend", "adapter", "strategy", "experts", "cls_expert", "alpha", "svd", "dispatch", "param",
-           "shuffle_sigma", "cls_max_new_tokens") + tuple(f"expert_{n}" for n in EXPERT_NAMES)
+           "shuffle_sigma", "cross_model", "cls_max_new_tokens") + tuple(f"expert_{n}" for n in EXPERT_NAMES)
 
 
 def true_task(task_name: str | None) -> str:
-    """Protocol task key of an lm-eval task name (`t2_math` → `math`; stock names unchanged)."""
+    """Protocol task key of an lm-eval task name (`t2_math_fewshot_test` → `math`; stock names unchanged)."""
     t = task_name or "unknown"
-    return t[3:] if t.startswith("t2_") else t
+    if not t.startswith("t2_"):
+        return t
+    from .tasks import TASK_KEYS
+
+    key = t[3:]
+    return next((k for k in sorted(TASK_KEYS, key=len, reverse=True) if key == k or key.startswith(k + "_")), key)
 
 
 @dataclass
@@ -61,8 +67,9 @@ class T2Config:
     alpha: str | None = None
     svd: str | None = None
     dispatch: str = "generate"
-    param: str = "code"
+    param: str | None = None
     shuffle_sigma: int | None = None
+    cross_model: bool = False
     cls_max_new_tokens: int | None = None
 
     @classmethod
@@ -76,7 +83,8 @@ class T2Config:
         c = cls(adapter=str(kw.pop("adapter", "none") or "none"), strategy=str(kw.pop("strategy", "none") or "none"),
                 experts=experts, cls_expert=none(kw.pop("cls_expert", None)), alpha=none(kw.pop("alpha", None)),
                 svd=none(kw.pop("svd", None)), dispatch=str(kw.pop("dispatch", "generate")),
-                param=str(kw.pop("param", "code")), shuffle_sigma=none(kw.pop("shuffle_sigma", None)),
+                param=none(kw.pop("param", None)), shuffle_sigma=none(kw.pop("shuffle_sigma", None)),
+                cross_model=str(kw.pop("cross_model", False)).lower() in ("1", "true", "yes"),
                 cls_max_new_tokens=none(kw.pop("cls_max_new_tokens", None)))
         c.validate()
         return c
@@ -124,7 +132,7 @@ class TwoPassMixin:
     def _t2_setup(self, cfg: T2Config) -> None:
         self.t2 = cfg
         self.t2_records = {}
-        self.t2_bank = ExpertBank(cfg.svd, cfg.param, cfg.shuffle_sigma)
+        self.t2_bank = ExpertBank(cfg.svd, cfg.param, cfg.shuffle_sigma, cfg.cross_model)
         self.t2_fixed = None  # scales held for the whole run (svf adapter / fewshot mixture)
         self.t2_setup_s = 0.0
         if cfg.adapter_kind == "svf":
@@ -136,7 +144,8 @@ class TwoPassMixin:
             except KeyError as e:
                 raise T2EvalError(f"{cfg.alpha} mixes expert {e.args[0]!r} but no path was given for it") from None
             self.t2_alpha = a
-            self.t2_fixed = self.t2_bank.mix(paths, a["alpha"])
+            self.t2_fixed = self.t2_bank.mix(paths, a["alpha"], per=a.get("per", "vector"),
+                                             normalise=bool(a.get("normalised", False)))
         if self.t2_fixed is not None:
             self.t2_setup_s = self._t2_set_scales(self.t2_fixed)
 
@@ -212,37 +221,46 @@ class TwoPassMixin:
                     rec["dispatch"].append({"doc_id": r.doc_id, "true_task": rec["true_task"], "chosen": chosen})
             return self._t2_answer(kind, reqs, disable_tqdm, rec)
 
-        # ---- first pass: one dispatch per document, all documents of the task in one batch ----
+        known = self._t2_first_pass(reqs, rec)
+        return self._t2_second_pass(kind, reqs, known, disable_tqdm, rec)
+
+    def _t2_first_pass(self, reqs: list, rec: dict) -> dict[Any, str]:
+        """doc_id -> chosen expert ("other" = base), dispatching every new document in one batch."""
         docs: OrderedDict[Any, str] = OrderedDict()
         for r in reqs:
             if r.doc_id not in docs:
-                docs[r.doc_id] = dsp.user_text(self.tokenizer, r.args[0])
+                docs[r.doc_id] = dsp.question_of(self.tokenizer, r.task_name, r.doc, r.args[0])
         known = {d["doc_id"]: d["chosen"] for d in rec["dispatch"]}
         todo = [d for d in docs if d not in known]
-        if todo:
-            questions = [docs[d] for d in todo]
-            if self.t2.strategy == "cls":
-                rec["swap_s"] += self._t2_set_scales(self.t2_bank.scales(self.t2.cls_expert))
-            t0 = time.perf_counter()
-            if self.t2.dispatch == "logprob":
-                result = dsp.dispatch_logprob(questions, self.tokenizer, self._t2_score)
-            else:
-                result = dsp.dispatch_generate(questions, self.tokenizer, self._t2_generate,
-                                               max_new_tokens=self.t2.cls_max_new_tokens)
-            rec["first_pass_s"] += time.perf_counter() - t0
-            if self.t2.strategy == "cls":
-                rec["swap_s"] += self._t2_set_scales(None)
-            rec["tokens_first"] += result.tokens
-            rec["prompt_tokens_first"] += result.prompt_tokens
-            for d, cat, exp, raw in zip(todo, result.categories, result.experts, result.raw):
-                known[d] = exp or "other"
-                rec["dispatch"].append({"doc_id": d, "true_task": rec["true_task"], "chosen": known[d],
-                                        "category": cat, "raw": raw[:200]})
+        if not todo:
+            return known
+        questions = [docs[d] for d in todo]
+        if self.t2.strategy == "cls":
+            rec["swap_s"] += self._t2_set_scales(self.t2_bank.scales(self.t2.cls_expert))
+        t0 = time.perf_counter()
+        if self.t2.dispatch == "logprob":
+            result = dsp.dispatch_logprob(questions, self.tokenizer, self._t2_score)
+        else:
+            result = dsp.dispatch_generate(questions, self.tokenizer, self._t2_generate,
+                                           max_new_tokens=self.t2.cls_max_new_tokens)
+        rec["first_pass_s"] += time.perf_counter() - t0
+        if self.t2.strategy == "cls":
+            rec["swap_s"] += self._t2_set_scales(None)
+        rec["tokens_first"] += result.tokens
+        rec["prompt_tokens_first"] += result.prompt_tokens
+        for d, cat, exp, raw in zip(todo, result.categories, result.experts, result.raw):
+            known[d] = exp or "other"
+            rec["dispatch"].append({"doc_id": d, "true_task": rec["true_task"], "chosen": known[d],
+                                    "category": cat, "raw": raw[:200]})
+        return known
 
-        # ---- second pass: group by expert, answer each group with its expert loaded ----
+    def _t2_second_pass(self, kind: str, reqs: list, chosen: dict[Any, str], disable_tqdm: bool,
+                        rec: dict) -> list:
+        """Group requests by their document's expert, answer each group with that expert's scales
+        loaded (unknown names such as "other" → base weights); results in the original order."""
         groups: OrderedDict[str, list[int]] = OrderedDict()
         for i, r in enumerate(reqs):
-            groups.setdefault(known[r.doc_id], []).append(i)
+            groups.setdefault(chosen[r.doc_id], []).append(i)
         out: list[Any] = [None] * len(reqs)
         for expert, idxs in groups.items():
             path = self.t2.experts.get(expert)

@@ -19,8 +19,6 @@ from typing import Callable, Sequence
 
 # category -> expert name (None = base weights). PROTOCOL §6: "other" uses the base model.
 EXPERT_OF = {"code": "code", "math": "math", "reasoning": "reasoning"}
-TRUE_EXPERT = {"gsm8k": "math", "math": "math", "mbpp": "code", "humaneval": "code",
-               "arc_easy": "reasoning", "arc_challenge": "reasoning"}
 ANSWER_PREFIX = "\\boxed{"
 
 
@@ -61,15 +59,11 @@ def dispatch_generate(questions: Sequence[str], tokenizer,
                       generate: Callable[[list[str], dict], list[str]],
                       max_new_tokens: int | None = None) -> DispatchResult:
     """Generate a classification answer per question (greedy) and parse it."""
-    cls = _cls()
+    from ..tasks.base import STOP
+
     prompts = [classification_prompt(tokenizer, q) for q in questions]
-    gk = dict(cls.GEN_KWARGS) if hasattr(cls, "GEN_KWARGS") else {}
-    gk.setdefault("max_gen_toks", max_new_tokens or 1024)
-    if max_new_tokens:
-        gk["max_gen_toks"] = max_new_tokens
-    gk.setdefault("until", list(getattr(cls, "STOP", ["Instruction:", "Instruction", "Response:", "Response"])))
-    gk["do_sample"] = False
-    gk["temperature"] = 0.0
+    gk = {"until": list(STOP), "max_gen_toks": int(max_new_tokens or _cls().Cls.max_new_tokens),
+          "do_sample": False, "temperature": 0.0}
     outs = generate(prompts, gk) if prompts else []
     cats = [parse_category(o) for o in outs]
     return DispatchResult(cats, [expert_for(c) for c in cats],
@@ -100,6 +94,22 @@ def dispatch_logprob(questions: Sequence[str], tokenizer,
     return DispatchResult(cats, [expert_for(c) for c in cats], tokens=label_toks * len(prompts),
                           prompt_tokens=sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
                                             for p in prompts), raw=raw)
+
+
+def question_of(tokenizer, task_name: str | None, doc: dict | None, rendered: str) -> str:
+    """What the first pass classifies for one request: the t2 task's user message for `t2_<task>`
+    requests (`tasks.cls.question_text`), else the last user turn of the rendered context."""
+    key = (task_name or "")[3:] if (task_name or "").startswith("t2_") else None
+    if key and doc:
+        from ..tasks import TASK_KEYS
+
+        base = next((k for k in sorted(TASK_KEYS, key=len, reverse=True) if key == k or key.startswith(k + "_")), None)
+        if base:
+            try:
+                return _cls().question_text(base, doc)
+            except (KeyError, TypeError):
+                pass
+    return user_text(tokenizer, rendered)
 
 
 def user_text(tokenizer, rendered: str) -> str:

@@ -47,13 +47,19 @@ def expert_file(path: str | Path) -> Path:
 
 
 class ExpertBank:
-    def __init__(self, svd, param: str = "code", shuffle_sigma: int | None = None):
-        if param not in ("code", "paper"):
+    """Scales for expert files, cached. `param` None = each expert's own parameterisation (a given
+    param must match it); `shuffle_sigma` = seed of the Table 5 σ-order shuffle; `cross_model`
+    allows experts trained on another base model (Table 5 transfer)."""
+
+    def __init__(self, svd, param: str | None = None, shuffle_sigma: int | None = None,
+                 cross_model: bool = False):
+        if param not in (None, "code", "paper"):
             raise T2EvalError(f"param={param!r}: use param=code (sigmoid + mass rescaling, the default) "
                               "or param=paper (W' = U diag(σ ⊙ z) Vᵀ)")
         self.svd_arg = svd
         self.param = param
         self.shuffle_sigma = None if shuffle_sigma in (None, "", "none") else int(shuffle_sigma)
+        self.cross_model = bool(cross_model)
         self._svd = None
         self._cache: dict = {}
 
@@ -69,28 +75,34 @@ class ExpertBank:
         return self._svd
 
     def load(self, path: str | Path):
-        from ..svf import ExpertVector
+        from .. import svf
 
-        return ExpertVector.load(expert_file(path))
+        e = svf.ExpertVector.load(expert_file(path))
+        return svf.shuffle_sigma(e, self.shuffle_sigma) if self.shuffle_sigma is not None else e
 
     def scales(self, path: str | Path | None):
         """Scales for one expert file (None → None, the base weights)."""
         if path is None:
             return None
-        key = ("one", str(path))
+        key = str(path)
         if key not in self._cache:
             from .. import svf
 
             self._cache[key] = svf.scales(self.load(path), self.svd, param=self.param,
-                                          shuffle_seed=self.shuffle_sigma)
+                                          allow_cross_model=self.cross_model)
         return self._cache[key]
 
-    def mix(self, paths: Sequence[str | Path], alpha):
+    def mix(self, paths: Sequence[str | Path], alpha, per: str = "vector", normalise: bool = False):
         """Scales of the α-mixture of experts (PROTOCOL §6.3; the code mixes post-sigmoid masks)."""
         from .. import svf
 
-        return svf.mix_scales([self.load(p) for p in paths], alpha, self.svd, param=self.param,
-                              shuffle_seed=self.shuffle_sigma)
+        return self.mix_loaded([self.load(p) for p in paths], alpha, per, normalise)
+
+    def mix_loaded(self, experts, alpha, per: str = "vector", normalise: bool = False):
+        from .. import svf
+
+        return svf.mix_scales(experts, alpha, self.svd, param=self.param, per=per, normalise=normalise,
+                              allow_cross_model=self.cross_model)
 
 
 def load_alpha(path: str | Path) -> dict:
