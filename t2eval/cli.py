@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "decompose": ("t2eval.decompose_cli", "thin fp32 SVD of the SVF target matrices into a validated cache"),
     "train-svf": ("t2eval.train.svf_cli", "train an SVF expert vector with REINFORCE (resumable, best-valid checkpoint)"),
     "train-lora": ("t2eval.train.lora_cli", "train the LoRA baseline (next-token prediction or policy gradient)"),
+    "fit-fewshot": ("t2eval.adapt.fewshot_cli", "few-shot CEM search of the expert mixture alpha on held-out prompts"),
+    "evaluate": ("t2eval.evaluate", "lm-eval run of the t2 model (base/LoRA/SVF/two-pass) -> one raw result cell"),
     "tables": ("t2eval.report.tables", "paper tables 1-5 (+9) from raw result cells, beside the published numbers"),
     "figures": ("t2eval.report.figures", "figures 4, 6, 7 (PNG + CSV) from training logs, dispatch fields and alpha files"),
 }

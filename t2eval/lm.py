@@ -341,6 +341,11 @@ def make_vllm(pretrained, dtype: str = "float32", batch_size="auto", **kwargs):
                 kw.pop("device", None)
                 if cfg.adapter_kind == "lora":
                     kw["lora_local_path"] = cfg.adapter_path
+                if cfg.svd or cfg.adapter_kind == "svf" or cfg.strategy != "none":
+                    from .backends.vllm_worker import EXTENSION
+
+                    kw.setdefault("worker_extension_cls", EXTENSION)  # SVF swaps inside the workers
+                    kw.setdefault("enforce_eager", True)
                 self.t2_pretrained_dir = _resolve(pretrained)
                 super().__init__(pretrained=self.t2_pretrained_dir, dtype=dtype, batch_size=batch_size, **kw)
                 self._t2_setup(cfg)
@@ -348,7 +353,9 @@ def make_vllm(pretrained, dtype: str = "float32", batch_size="auto", **kwargs):
             def _t2_set_scales(self, scales) -> float:
                 from .backends import vllm as vb
 
-                return vb.set_engine_scales(self.model, self.t2_pretrained_dir, self.t2_bank.svd, scales)
+                if scales is None and self.t2.svd is None:
+                    return 0.0
+                return vb.swap_scales(self.model, scales, self.t2.svd, mode="worker", model_dir=self.t2_pretrained_dir)
 
         _VLLM_CLS = T2VLLM
     return _VLLM_CLS(pretrained, dtype=dtype, batch_size=batch_size, **kwargs)
