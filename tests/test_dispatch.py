@@ -1,0 +1,74 @@
+"""First-pass dispatch: question extraction, category parsing, generate vs logprob modes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from t2eval.adapt import dispatch as dsp
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from t2eval.testing import tiny_model_dir
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir(0))
+
+
+def test_expert_mapping_and_parse():
+    assert [dsp.expert_for(c) for c in ("code", "math", "reasoning", "other", "junk")] == \
+        ["code", "math", "reasoning", None, None]
+    assert dsp.parse_category("Classification: \\boxed{math}") == "math"
+    assert dsp.parse_category("I think \\boxed{poetry}") == "other"
+    assert dsp.parse_category("no box at all") == "other"
+    assert set(dsp.categories()) == {"code", "math", "reasoning", "other"}
+
+
+def test_user_text_recovers_last_user_turn(tok):
+    q = "What is 2 + 2?\nOptions:\nA. 3\nB. 4"
+    rendered = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "earlier question"},
+                                        {"role": "assistant", "content": "ok"},
+                                        {"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True) + "Let's think"
+    assert dsp.user_text(tok, rendered) == q
+    assert dsp.user_text(tok, "plain text, no template") == "plain text, no template"
+
+
+def test_question_of_t2_task_uses_the_task_user_message(tok):
+    doc = {"question": "Which is a mammal?", "choices": {"text": ["cat", "fish"], "label": ["A", "B"]},
+           "answerKey": "A"}
+    from t2eval.tasks import get_task
+
+    want = get_task("arc_challenge").user_message(doc)
+    assert dsp.question_of(tok, "t2_arc_challenge_fewshot_test", doc, "ignored") == want
+    assert dsp.question_of(tok, "arc_challenge", doc, "raw ctx") == "raw ctx"  # stock task: from the context
+
+
+def test_prompt_contains_question_and_boxed_instruction(tok):
+    p = dsp.classification_prompt(tok, "Write a function that adds two numbers.")
+    assert "Write a function that adds two numbers." in p and "\\boxed{" in p
+    assert p.rstrip().endswith("assistant")  # generation prompt added
+
+
+def test_generate_and_logprob_modes_on_tiny_model(tok):
+    from t2eval.lm import T2LM
+    from t2eval.testing import tiny_model_dir
+
+    lm = T2LM(pretrained=str(tiny_model_dir(0)), batch_size=4)
+    qs = ["What is 3 + 5?", "Write a Python function to reverse a list.", "Why do leaves change colour?"]
+    g = dsp.dispatch_generate(qs, tok, lm._t2_generate, max_new_tokens=6)
+    assert len(g.categories) == 3 and all(c in dsp.categories() for c in g.categories)
+    assert g.tokens > 0 and g.prompt_tokens > 0 and len(g.raw) == 3
+    lp = dsp.dispatch_logprob(qs, tok, lm._t2_score)
+    assert all(c in dsp.categories() for c in lp.categories)
+    # logprob picks the arg-max label: re-score by hand for the first question
+    labels = dsp.categories()
+    scores = lm._t2_score([(dsp.classification_prompt(tok, qs[0]) + dsp.ANSWER_PREFIX, lab + "}") for lab in labels])
+    assert lp.categories[0] == labels[max(range(len(labels)), key=lambda j: scores[j])]
+    assert lp.experts == [dsp.expert_for(c) for c in lp.categories]
