@@ -50,6 +50,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", default=None, help="lm-eval batch size (int or auto)")
     p.add_argument("--device", default=None, help="torch device for backend=hf (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="lm-eval random seed (numpy/torch/fewshot seeds: 1234)")
+    p.add_argument("--gen-kwargs", default=None, help="lm-eval generation overrides, e.g. max_gen_toks=64 "
+                   "(testing/benchmarks only: results then differ from the protocol)")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run generated code for mbpp/humaneval in the sandbox (sets HF_ALLOW_CODE_EVAL=1)")
     p.add_argument("--model-name", default=None, help="model name written into the cell (default from --model)")
@@ -205,7 +207,7 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
              limit: int | None = None, split: str = "test", data_dir: str | None = None,
              lm_eval_task: str | None = None, include_path: str | None = None, backend: str | None = None,
              batch_size=None, device: str | None = None, seed: int = 0, name: str | None = None,
-             lm=None) -> dict[str, Any]:
+             lm=None, gen_kwargs: str | None = None) -> dict[str, Any]:
     """Run one evaluation and write the cell; returns the cell. `lm` reuses an already built `t2`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -234,7 +236,7 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     res = lm_eval.simple_evaluate(model=lm, tasks=[tname], task_manager=tm, limit=limit,
-                                  apply_chat_template=True, log_samples=True, random_seed=seed,
+                                  apply_chat_template=True, log_samples=True, random_seed=seed, gen_kwargs=gen_kwargs,
                                   confirm_run_unsafe_code=True, metadata={"data_dir": str(data_dir or "")} if data_dir else None)
     eval_s = time.perf_counter() - t1
     if res is None:
@@ -259,7 +261,7 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
                                              "n-samples")})
     info = jsonable(lm.get_model_info()) if hasattr(lm, "get_model_info") else {}
     config = {"model": model, "method": method, "task": task, "lm_eval_task": tname, "split": split,
-              "limit": limit, "model_args": margs, "t2": info.get("t2"), "apply_chat_template": True}
+              "limit": limit, "gen_kwargs": gen_kwargs, "model_args": margs, "t2": info.get("t2"), "apply_chat_template": True}
     inputs = {"model_dir": str(getattr(lm, "t2_pretrained_dir", model))}
     cfg_json = Path(inputs["model_dir"]) / "config.json"
     if cfg_json.exists():
@@ -290,7 +292,7 @@ def run(args) -> int:
     cell = evaluate(args.model, args.method, args.task, args.out, args.model_args, limit=args.limit,
                     split=args.split, data_dir=args.data_dir, lm_eval_task=args.lm_eval_task,
                     include_path=args.include_path, backend=args.backend, batch_size=args.batch_size,
-                    device=args.device, seed=args.seed, name=args.model_name)
+                    device=args.device, seed=args.seed, name=args.model_name, gen_kwargs=args.gen_kwargs)
     t = cell["timing"] or {}
     first = f", first pass {t['first_pass_s']:.2f}s / second {t['second_pass_s']:.2f}s" if t.get("first_pass_s") else ""
     print(f"{cell['model']}/{cell['method']}/{cell['task']}: {cell['score']:.4f} "
