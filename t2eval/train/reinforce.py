@@ -185,7 +185,7 @@ def build_backend(kind: str, model, tokenizer, cfg, svd):
             from ..backends.vllm import VLLMBackend
         except ImportError as e:
             raise T2EvalError(f"--backend vllm is not available here ({e}); use --backend hf") from None
-        return VLLMBackend(cfg.model, dtype=cfg.dtype, svd=svd)
+        return VLLMBackend(cfg.model, dtype=cfg.dtype, svd=cfg.svd, seed=cfg.seed)
     raise T2EvalError(f"unknown backend {kind!r}: use hf or vllm")
 
 
@@ -364,6 +364,7 @@ def train_svf(cfg: SVFTrainConfig, task=None) -> dict:
     finally:
         bar.close()
         backend.set_scales(None)
+        backend.close()
 
     done = end >= cfg.iterations
     summary = {"task": cfg.task, "iterations_done": end, "finished": done, "best": best,

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop this invocation after n iterations (the next run resumes)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 is much faster on a shared, loaded machine)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -58,6 +60,11 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from ..models.loading import resolve_model_dir
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .reinforce import train_svf
 
     args.model = str(resolve_model_dir(args.model))
