@@ -26,7 +26,8 @@ def constant_experts(model: str, root: Path) -> tuple[str, dict[str, str]]:
     from t2eval.svf import ExpertVector
 
     svd_path = root / "svd-mlp.safetensors"
-    decompose(model, "mlp", out=svd_path)
+    if not svd_path.exists():
+        decompose(model, "mlp", out=svd_path)
     svd = load_svd(svd_path)
     out = {}
     for name in ("math", "code", "reasoning"):
@@ -46,19 +47,21 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--experts", default=None)
     ap.add_argument("--svd", default=None)
+    ap.add_argument("--work-dir", default=None, help="reuse this dir for the SVD + constant experts")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_ALLOW_CODE_EVAL", "1")
     from t2eval.adapt.experts import parse_experts
     from t2eval.evaluate import build_lm, code_chat_template, evaluate
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-dispatch-"))
+    tmp = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="bench-dispatch-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if a.experts:
         svd, experts = a.svd, parse_experts(a.experts)
     else:
         svd, experts = constant_experts(a.model, tmp)
-    print(f"experts ready in {time.perf_counter() - t0:.1f}s ({'given' if a.experts else 'constant-z'})")
+    print(f"experts ready in {time.perf_counter() - t0:.1f}s ({'given' if a.experts else 'constant-z'})", flush=True)
     rows = {}
     for task in a.tasks.split(","):
         for mode in ("generate", "logprob"):
