@@ -239,7 +239,8 @@ class TwoPassMixin:
             rec["swap_s"] += self._t2_set_scales(self.t2_bank.scales(self.t2.cls_expert))
         t0 = time.perf_counter()
         if self.t2.dispatch == "logprob":
-            result = dsp.dispatch_logprob(questions, self.tokenizer, self._t2_score)
+            result = dsp.dispatch_logprob(questions, self.tokenizer, self._t2_score,
+                                          getattr(self, "_t2_next_token_logprobs", None))
         else:
             result = dsp.dispatch_generate(questions, self.tokenizer, self._t2_generate,
                                            max_new_tokens=self.t2.cls_max_new_tokens)
@@ -311,6 +312,28 @@ class T2LM(TwoPassMixin, HFLM):
                          batch_size=batch_size, device=device, **kw)
         self._t2_patcher = None
         self._t2_setup(cfg)
+
+    def _t2_next_token_logprobs(self, prompts: list[str]):
+        """Log-probabilities of the token after each prompt: batched, left-padded forward passes."""
+        import torch
+
+        tok = self.tokenizer
+        bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
+        out = []
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            for i in range(0, len(prompts), bs):
+                enc = tok(prompts[i:i + bs], return_tensors="pt", padding=True, add_special_tokens=False)
+                mask = enc["attention_mask"].to(self.device)
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                with torch.no_grad():
+                    logits = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask,
+                                        position_ids=pos).logits[:, -1, :]
+                out.extend(torch.log_softmax(logits.float(), dim=-1).cpu())
+        finally:
+            tok.padding_side = side
+        return out
 
     def _t2_set_scales(self, scales) -> float:
         t0 = time.perf_counter()

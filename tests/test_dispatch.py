@@ -72,3 +72,28 @@ def test_generate_and_logprob_modes_on_tiny_model(tok):
     scores = lm._t2_score([(dsp.classification_prompt(tok, qs[0]) + dsp.ANSWER_PREFIX, lab + "}") for lab in labels])
     assert lp.categories[0] == labels[max(range(len(labels)), key=lambda j: scores[j])]
     assert lp.experts == [dsp.expert_for(c) for c in lp.categories]
+
+
+def test_logprob_fast_path_is_one_batched_forward_and_matches_single_prompts(tok):
+    import torch
+
+    from t2eval.lm import T2LM
+    from t2eval.testing import tiny_model_dir
+
+    lm = T2LM(pretrained=str(tiny_model_dir(0)), batch_size=4)
+    qs = ["What is 3 + 5?", "Write a Python function to reverse a list of integers in place.", "Why is the sky blue?"]
+    prompts = [dsp.classification_prompt(tok, q) + dsp.ANSWER_PREFIX for q in qs]
+    firsts = dsp.label_first_tokens(tok, prompts[0], dsp.categories())
+    assert firsts is not None and len(set(firsts)) == 4  # SmolLM2's tokenizer: the first token decides
+    batched = lm._t2_next_token_logprobs(prompts)  # prompts of different lengths: left padding
+    for p, row in zip(prompts, batched):
+        ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(lm.model(ids).logits[0, -1].float(), -1)
+        assert torch.allclose(row, ref, atol=1e-4)
+    fast = dsp.dispatch_logprob(qs, tok, lm._t2_score, lm._t2_next_token_logprobs)
+    for row, cat in zip(batched, fast.categories):
+        assert cat == dsp.categories()[max(range(4), key=lambda j: (float(row[firsts[j]]), -j))]
+    # the first token's log-prob is the first term of the full label score
+    full = lm._t2_score([(prompts[0], tok.decode([firsts[0]]))])[0]
+    assert abs(full - float(batched[0][firsts[0]])) < 1e-3

@@ -73,15 +73,46 @@ def dispatch_generate(questions: Sequence[str], tokenizer,
                           raw=list(outs))
 
 
+def label_first_tokens(tokenizer, prompt: str, labels: Sequence[str]) -> list[int] | None:
+    """Token id that starts each label right after `prompt`, or None when the first token does not
+    decide between the labels (two labels share it, or the label merges with the prompt's last token)."""
+    base = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    firsts = []
+    for lab in labels:
+        ids = tokenizer(prompt + lab + "}", add_special_tokens=False)["input_ids"]
+        if len(ids) <= len(base) or ids[:len(base)] != base:
+            return None
+        firsts.append(ids[len(base)])
+    return firsts if len(set(firsts)) == len(firsts) else None
+
+
 def dispatch_logprob(questions: Sequence[str], tokenizer,
-                     score: Callable[[list[tuple[str, str]]], list[float]]) -> DispatchResult:
+                     score: Callable[[list[tuple[str, str]]], list[float]],
+                     next_token_logprobs: Callable[[list[str]], Sequence[Sequence[float]]] | None = None
+                     ) -> DispatchResult:
     """Score every category label after `prompt + "\\boxed{"`; choose the most likely label.
 
     `score(pairs)` returns sum log p(continuation | context) for (context, continuation) pairs; the
     label is scored with its closing brace ("math}") so labels that are prefixes of others compete fairly.
+    With `next_token_logprobs(prompts)` (one forward pass per prompt, returning the log-probabilities
+    of the next token) and labels whose first tokens differ, the first token alone decides: the
+    remaining tokens of a label are then fixed by its first one, so this is one forward pass per
+    question instead of one per (question, label) pair.
     """
     labels = categories()
     prompts = [classification_prompt(tokenizer, q) + ANSWER_PREFIX for q in questions]
+    firsts = label_first_tokens(tokenizer, prompts[0], labels) if prompts and next_token_logprobs else None
+    if firsts is not None:
+        rows = next_token_logprobs(prompts)
+        cats, raw = [], []
+        for row in rows:
+            lp = [float(row[t]) for t in firsts]
+            best = max(range(len(labels)), key=lambda j: (lp[j], -j))
+            cats.append(labels[best])
+            raw.append(" ".join(f"{lab}:{v:.3f}" for lab, v in zip(labels, lp)))
+        return DispatchResult(cats, [expert_for(c) for c in cats], tokens=len(prompts),
+                              prompt_tokens=sum(len(tokenizer(p, add_special_tokens=False)["input_ids"])
+                                                for p in prompts), raw=raw)
     pairs = [(p, lab + "}") for p in prompts for lab in labels]
     lps = score(pairs) if pairs else []
     cats, raw = [], []
