@@ -225,7 +225,8 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
         if tpl:
             margs["chat_template_args"] = {"chat_template": tpl}
     paths = [p for p in (_task_dir(), include_path) if p]
-    tm = TaskManager(include_path=paths or None)
+    # lm-eval indexes its ~10k stock YAMLs unless told not to (tens of seconds): only when needed
+    tm = TaskManager(include_path=paths or None, include_defaults=not tname.startswith("t2_"))
     if tname not in tm.all_tasks:
         hint = ("t2eval's task YAMLs (t2eval/tasks/lm_eval) define it" if tname.startswith("t2_")
                 else "use a stock lm-eval task name or --include-path DIR with its YAML")

@@ -10,14 +10,16 @@ def _cell_args(wc):
     spec = P.cell_spec(CFG, wc.model, wc.method, wc.task)
     args = {"backend": model_opt(wc.model, "backend"), "dtype": model_opt(wc.model, "dtype"),
             "device": CFG["device"], "batch_size": EV["batch_size"], **spec.model_args}
+    if EV["max_new_tokens"] is not None and "dispatch" in spec.model_args:
+        args["cls_max_new_tokens"] = EV["max_new_tokens"]  # the first pass gets the same cap
     if model_opt(wc.model, "tensor_parallel_size") > 1:
         args["tensor_parallel_size"] = model_opt(wc.model, "tensor_parallel_size")
     opts = [f"--split {spec.split}", f"--model-args {q(P.format_model_args(args))}"]
     if EV["limit"] is not None:
         opts.append(f"--limit {EV['limit']}")
     if EV["max_new_tokens"] is not None:
-        opts.append(f"--max-new-tokens {EV['max_new_tokens']}")
-    if EV["allow_code_execution"]:
+        opts.append(f"--gen-kwargs max_gen_toks={EV['max_new_tokens']}")
+    if CFG["allow_code_execution"]:
         opts.append("--allow-code-execution")
     return " ".join(opts)
 
