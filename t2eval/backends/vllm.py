@@ -237,7 +237,7 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", svd: str | os.PathLike | None = None,
+    def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", svd=None,
                  max_model_len: int = 4096, kv_cache_gib: float | None = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, enable_lora: bool = False, max_lora_rank: int = 16,
                  swap_mode: str = "worker", seed: int = 0, enforce_eager: bool | None = None, **llm_kwargs):
@@ -246,6 +246,7 @@ class VLLMBackend:
         if swap_mode not in MODES:
             raise T2EvalError(f"unknown swap mode {swap_mode!r}: use one of {MODES}")
         self.model_dir = resolve_model_dir(str(model_dir))
+        svd = getattr(svd, "path", svd)  # an SVDCache or a path
         self.svd = None if svd is None else str(svd)
         if self.svd is not None and not Path(self.svd).exists():
             raise T2EvalError(f"SVD cache {self.svd} not found: run `t2eval decompose` first")
