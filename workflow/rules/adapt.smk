@@ -13,7 +13,7 @@ def _fewshot_inputs(wc):
 
 
 FIT_FEWSHOT_SHELL = (
-    "{T2} fit-fewshot --model {params.model} --svd {input.svd} --experts {params.experts} --task {wildcards.task}"
+    "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {CODE_OPT_IN}{T2} fit-fewshot --model {params.model} --svd {input.svd} --experts {params.experts} --task {wildcards.task}"
     " --out {params.out} --data-dir {DATA_DIR} --iterations {FS[iterations]} --population {FS[population]}"
     " --elite {FS[elite]} --init-std {FS[init_std]} --per {FS[per]} {params.normalise}"
     " --max-new-tokens {FS[max_new_tokens]} --seed {CFG[seed]} --backend {params.backend} {params.cross} 2> {log}"
@@ -34,6 +34,8 @@ rule fit_fewshot:
         cross="",
     log:
         "logs/fit_fewshot/{model}/{task}.log",
+    benchmark:
+        "logs/bench/fit_fewshot/{model}/{task}.tsv",
     threads: res("fewshot", "threads", 1)
     resources:
         mem_mb=res("fewshot", "mem_mb"),
@@ -57,3 +59,5 @@ use rule fit_fewshot as fit_fewshot_cross_model with:
         cross="--allow-cross-model",
     log:
         "logs/fit_fewshot/{model}/from-{source}/{task}.log",
+    benchmark:
+        "logs/bench/fit_fewshot/{model}/from-{source}/{task}.tsv",

@@ -18,6 +18,10 @@ CELLS = P.cells(CFG)
 DATA_DIR = CFG["data"]["dir"]
 DATA_MANIFEST = f"{DATA_DIR}/manifest.json"
 T2 = "t2eval"
+# Every shell sets OMP_NUM_THREADS/MKL_NUM_THREADS from the rule's `threads`: one BLAS/OpenMP pool per
+# job (oversubscribed CPU threads made generation ~4x slower here).
+# MBPP/HumanEval rewards and scores run model-written code (sandboxed); only with the config's opt-in
+CODE_OPT_IN = "HF_ALLOW_CODE_EVAL=1 " if CFG["allow_code_execution"] else ""
 ENV = "../envs/t2eval.yaml"
 TABLES = expand("results/tables/table{n}.{ext}", n=[1, 2, 3, 4, 5], ext=["md", "csv", "tex"])
 FIGURES = [

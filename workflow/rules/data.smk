@@ -6,6 +6,8 @@ rule prepare_data:
         out=DATA_DIR,
     log:
         "logs/prepare_data.log",
+    benchmark:
+        "logs/bench/prepare_data.tsv",
     threads: 1
     resources:
         mem_mb=8000,
@@ -13,4 +15,4 @@ rule prepare_data:
     conda:
         ENV
     shell:
-        "{T2} prepare-data {params.mirror} --out {params.out} 2> {log}"
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} prepare-data {params.mirror} --out {params.out} 2> {log}"

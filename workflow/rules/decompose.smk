@@ -8,6 +8,8 @@ rule decompose:
         layers=lambda wc: model_opt(wc.model, "svd_layers"),
     log:
         "logs/decompose/{model}-{targets}.log",
+    benchmark:
+        "logs/bench/decompose/{model}-{targets}.tsv",
     threads: res("decompose", "threads", 1)
     resources:
         mem_mb=res("decompose", "mem_mb"),
@@ -15,5 +17,5 @@ rule decompose:
     conda:
         ENV
     shell:
-        "{T2} decompose --model {params.model} --targets {wildcards.targets} --layers {params.layers}"
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} decompose --model {params.model} --targets {wildcards.targets} --layers {params.layers}"
         " --out {output} 2> {log}"

@@ -34,6 +34,8 @@ rule evaluate:
         opts=_cell_args,
     log:
         "logs/evaluate/{model}/{method}/{task}.log",
+    benchmark:
+        "logs/bench/evaluate/{model}/{method}/{task}.tsv",
     threads: res("evaluate", "threads", 1)
     resources:
         mem_mb=res("evaluate", "mem_mb"),
@@ -42,5 +44,5 @@ rule evaluate:
     conda:
         ENV
     shell:
-        "{T2} evaluate --model {params.model} --method {wildcards.method} --task {wildcards.task}"
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} evaluate --model {params.model} --method {wildcards.method} --task {wildcards.task}"
         " --data-dir {DATA_DIR} --out {output} {params.opts} 2> {log}"

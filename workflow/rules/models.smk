@@ -7,6 +7,8 @@ rule prepare_model:
         out=lambda wc: P.model_dir(wc.model),
     log:
         "logs/prepare_model/{model}.log",
+    benchmark:
+        "logs/bench/prepare_model/{model}.tsv",
     threads: res("prepare", "threads", 1)
     resources:
         mem_mb=res("prepare", "mem_mb"),
@@ -14,4 +16,4 @@ rule prepare_model:
     conda:
         ENV
     shell:
-        "{T2} prepare-model {params.src} --out {params.out} --dtype {params.dtype} 2> {log}"
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} prepare-model {params.src} --out {params.out} --dtype {params.dtype} 2> {log}"

@@ -11,10 +11,12 @@ rule tables:
         [report(f, category="Tables", caption="../report/tables.rst") if f.endswith(".md") else f for f in TABLES],
     log:
         "logs/tables.log",
+    benchmark:
+        "logs/bench/tables.tsv",
     conda:
         ENV
     shell:
-        "{T2} tables --raw results/raw --out results/tables 2> {log}"
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} tables --raw results/raw --out results/tables 2> {log}"
 
 
 def _figure_inputs(wc):
@@ -34,7 +36,9 @@ rule figures:
         report(FIGURES[2], category="Figures", caption="../report/fig7.rst"),
     log:
         "logs/figures.log",
+    benchmark:
+        "logs/bench/figures.tsv",
     conda:
         ENV
     shell:
-        "{T2} figures --raw results/raw --experts experts --out results/figures 2> {log}"
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} figures --raw results/raw --experts experts --out results/figures 2> {log}"

@@ -35,6 +35,8 @@ rule train_svf:
         kl=TS["kl_coef"],
     log:
         "logs/train_svf/{model}/{svf_variant}/{task}.log",
+    benchmark:
+        "logs/bench/train_svf/{model}/{svf_variant}/{task}.tsv",
     threads: res("train", "threads", 1)
     resources:
         mem_mb=res("train", "mem_mb"),
@@ -43,7 +45,7 @@ rule train_svf:
     conda:
         ENV
     shell:
-        "{T2} train-svf --model {params.model} --svd {input.svd} --task {wildcards.task} --out {params.out}"
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {CODE_OPT_IN}{T2} train-svf --model {params.model} --svd {input.svd} --task {wildcards.task} --out {params.out}"
         " --data-dir {DATA_DIR} --objective {params.objective} --iterations {TS[iterations]}"
         " --batch-size {TS[batch_size]} --micro-batch {TS[micro_batch]} --max-new-tokens {TS[max_new_tokens]}"
         " --eval-every {TS[eval_every]} {params.eval_limit} --kl-coef {params.kl} --optimizer {TS[optimizer]}"
@@ -58,12 +60,14 @@ rule train_lora:
         P.lora_marker("{model}", "{task}", "{lora_variant}"),
     params:
         model=lambda wc: P.model_dir(wc.model),
-        out=lambda wc: os.path.dirname(P.lora_adapter(wc.model, wc.task, wc.lora_variant)),
+        out=lambda wc: P.lora_adapter(wc.model, wc.task, wc.lora_variant),
         targets=lambda wc: LORA_VARIANT[wc.lora_variant][0],
         objective=lambda wc: LORA_VARIANT[wc.lora_variant][1],
         eval_limit=_limit("--eval-limit", TL["eval_limit"]),
     log:
         "logs/train_lora/{model}/{lora_variant}/{task}.log",
+    benchmark:
+        "logs/bench/train_lora/{model}/{lora_variant}/{task}.tsv",
     threads: res("train", "threads", 1)
     resources:
         mem_mb=res("train", "mem_mb"),
@@ -72,7 +76,7 @@ rule train_lora:
     conda:
         ENV
     shell:
-        "{T2} train-lora --model {params.model} --task {wildcards.task} --out {params.out} --data-dir {DATA_DIR}"
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {CODE_OPT_IN}{T2} train-lora --model {params.model} --task {wildcards.task} --out {params.out} --data-dir {DATA_DIR}"
         " --targets {params.targets} --objective {params.objective} --iterations {TL[iterations]}"
         " --batch-size {TL[batch_size]} --micro-batch {TL[micro_batch]} --lr {TL[lr]} --eval-every {TL[eval_every]}"
         " {params.eval_limit} --max-new-tokens {TL[max_new_tokens]} --seed {CFG[seed]} 2> {log}"
