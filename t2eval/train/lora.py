@@ -31,6 +31,7 @@ import torch
 from ..errors import T2EvalError
 from . import losses
 from .reinforce import (append_jsonl, atomic_torch_save, limit, load_task, model_family, nonfinite_error,
+                        read_checkpoint, resume_counters,
                         progress_bar, sample_batch, truncate_log)
 from .rollout import encode_completions, rollout
 
@@ -169,22 +170,14 @@ def train_lora(cfg: LoRATrainConfig, task=None) -> dict:
     rng = np.random.RandomState(cfg.seed)
     start, best = 0, {"valid": -math.inf, "iteration": None}
 
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["identity"] != cfg.identity():
-            diff = sorted(k for k in set(ck["identity"]) | set(cfg.identity())
-                          if ck["identity"].get(k) != cfg.identity().get(k))
-            raise T2EvalError(f"{ckpt_path} was written with other settings ({', '.join(diff)}); "
-                              f"use another --out, or delete {out / 'checkpoints'} to start over")
+    ck = read_checkpoint(ckpt_path, cfg.identity())
+    if ck is not None:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n in ck["adapter"]:
                     p.copy_(ck["adapter"][n])
         opt.load_state_dict(ck["optimizer"])
-        rng.set_state(ck["np_rng"])
-        torch.set_rng_state(ck["torch_rng"])
-        start, best = ck["iteration"] + 1, ck["best"]
-        truncate_log(log_path, ck["log_offset"])
+        start, best = resume_counters(ck, rng, log_path)
     else:
         truncate_log(log_path, 0)
 

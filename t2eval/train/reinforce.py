@@ -150,6 +150,26 @@ def truncate_log(path: Path, offset: int) -> None:
             f.truncate(offset)
 
 
+def read_checkpoint(ckpt_path: Path, identity: dict) -> dict | None:
+    """The resume checkpoint, or None; refuses one written with other settings (names the fields)."""
+    if not ckpt_path.exists():
+        return None
+    ck = torch.load(ckpt_path, weights_only=False)
+    if ck["identity"] != identity:
+        diff = sorted(k for k in set(ck["identity"]) | set(identity) if ck["identity"].get(k) != identity.get(k))
+        raise T2EvalError(f"{ckpt_path} was written with other settings ({', '.join(diff)}); "
+                          f"use another --out, or delete {ckpt_path.parent} to start over")
+    return ck
+
+
+def resume_counters(ck: dict, rng: np.random.RandomState, log_path: Path) -> tuple[int, dict]:
+    """Restore the RNG states, cut the log back to the checkpoint; (next iteration, best-so-far)."""
+    rng.set_state(ck["np_rng"])
+    torch.set_rng_state(ck["torch_rng"])
+    truncate_log(log_path, ck["log_offset"])
+    return ck["iteration"] + 1, ck["best"]
+
+
 def nonfinite_error(what: str, iteration: int, ckpt: Path) -> T2EvalError:
     kept = f"the last good checkpoint is kept at {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
     return T2EvalError(
@@ -254,23 +274,15 @@ def train_svf(cfg: SVFTrainConfig, task=None) -> dict:
     rng = np.random.RandomState(cfg.seed)
     start, best = 0, {"valid": -math.inf, "iteration": None}
 
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["identity"] != cfg.identity():
-            diff = sorted(k for k in set(ck["identity"]) | set(cfg.identity())
-                          if ck["identity"].get(k) != cfg.identity().get(k))
-            raise T2EvalError(f"{ckpt_path} was written with other settings ({', '.join(diff)}); "
-                              f"use another --out, or delete {out / 'checkpoints'} to start over")
+    ck = read_checkpoint(ckpt_path, cfg.identity())
+    if ck is not None:
         with torch.no_grad():
             for n in z:
                 z[n].copy_(ck["z"][n])
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("scheduler") is not None:
             sched.load_state_dict(ck["scheduler"])
-        rng.set_state(ck["np_rng"])
-        torch.set_rng_state(ck["torch_rng"])
-        start, best = ck["iteration"] + 1, ck["best"]
-        truncate_log(log_path, ck["log_offset"])
+        start, best = resume_counters(ck, rng, log_path)
         log.info("resuming %s from iteration %d", out, start)
     else:
         truncate_log(log_path, 0)
