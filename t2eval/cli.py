@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("t2eval.data.cli", "materialise every dataset split as canonical JSONL + manifest"),
     "decompose": ("t2eval.decompose_cli", "thin fp32 SVD of the SVF target matrices into a validated cache"),
     "train-svf": ("t2eval.train.svf_cli", "train an SVF expert vector with REINFORCE (resumable, best-valid checkpoint)"),
+    "select-expert": ("t2eval.train.select", "keep the best of several SVF runs by validation score (the paper's λ sweep)"),
     "train-lora": ("t2eval.train.lora_cli", "train the LoRA baseline (next-token prediction or policy gradient)"),
     "fit-fewshot": ("t2eval.adapt.fewshot_cli", "few-shot CEM search of the expert mixture alpha on held-out prompts"),
     "evaluate": ("t2eval.evaluate", "lm-eval run of the t2 model (base/LoRA/SVF/two-pass) -> one raw result cell"),

@@ -75,7 +75,7 @@ def test_cell_specs():
     assert s.inputs["svd"] == "svd/llama3-8b-attn.safetensors"
     assert s.inputs["expert"] == "experts/llama3-8b/svf-ntp/gsm8k/z.safetensors"
     s = P.cell_spec(cfg, "llama3-8b", "lora-mbpp", "humaneval")
-    assert s.model_args["adapter"] == "lora:experts/llama3-8b/lora/mbpp/adapter"
+    assert s.model_args["adapter"] == "lora:experts/llama3-8b/lora/mbpp"
 
 
 def _dry_run(*args):
@@ -106,7 +106,9 @@ def test_paper_dag_plans_without_the_hub():
     assert r.returncode == 0, r.stderr[-3000:]
     c = _job_counts(r.stdout)
     assert c["prepare_model"] == 3 and c["evaluate"] == len(P.cells(load(CONFIGS["paper"])))
-    assert c["train_svf"] >= 11 and c["fit_fewshot"] == 9 and c["fit_fewshot_cross_model"] == 3
+    assert c["fit_fewshot"] == 9 and c["fit_fewshot_cross_model"] == 3
+    # λ sweep {0, .1, .2, .3}: 4 runs per (model, task) expert + one selection each; Table 4 variants apart
+    assert c["train_svf_kl"] == 4 * c["select_kl"] and c["select_kl"] == 11 and c["train_svf"] == 3
 
 
 def test_bad_config_stops_snakemake_with_a_clear_message(tmp_path):

@@ -80,3 +80,49 @@ rule train_lora:
         " --targets {params.targets} --objective {params.objective} --iterations {TL[iterations]}"
         " --batch-size {TL[batch_size]} --micro-batch {TL[micro_batch]} --lr {TL[lr]} --eval-every {TL[eval_every]}"
         " {params.eval_limit} --max-new-tokens {TL[max_new_tokens]} --seed {CFG[seed]} 2> {log}"
+
+
+# The paper's KL sweep (train_svf.kl_sweep, e.g. [0, 0.1, 0.2, 0.3]): one run per λ into
+# experts/<model>/svf-kl<λ>/<task>/, then the best validation score becomes experts/<model>/svf/<task>/.
+if TS["kl_sweep"]:
+
+    ruleorder: select_kl > train_svf
+
+    use rule train_svf as train_svf_kl with:
+        input:
+            model=P.model_marker("{model}"),
+            svd=lambda wc: P.svd_path(wc.model, CFG["svd"]["targets"]),
+            data=DATA_MANIFEST,
+        output:
+            z="experts/{model}/svf-kl{kl}/{task}/z.safetensors",
+            log="experts/{model}/svf-kl{kl}/{task}/log.jsonl",
+        params:
+            model=lambda wc: P.model_dir(wc.model),
+            out=lambda wc, output: os.path.dirname(output[0]),
+            objective="pg",
+            backend=lambda wc: model_opt(wc.model, "backend"),
+            eval_limit=_limit("--eval-limit", TS["eval_limit"]),
+            kl=lambda wc: wc.kl,
+        wildcard_constraints:
+            kl="[0-9.]+",
+        log:
+            "logs/train_svf/{model}/svf-kl{kl}/{task}.log",
+        benchmark:
+            "logs/bench/train_svf/{model}/svf-kl{kl}/{task}.tsv",
+
+    rule select_kl:
+        input:
+            z=lambda wc: [f"experts/{wc.model}/svf-kl{k}/{wc.task}/z.safetensors" for k in TS["kl_sweep"]],
+            log=lambda wc: [f"experts/{wc.model}/svf-kl{k}/{wc.task}/log.jsonl" for k in TS["kl_sweep"]],
+        output:
+            z=P.svf_expert("{model}", "{task}", "svf"),
+            log=P.svf_log("{model}", "{task}", "svf"),
+        params:
+            dirs=lambda wc, input: " ".join(os.path.dirname(z) for z in input.z),
+            out=lambda wc, output: os.path.dirname(output.z),
+        log:
+            "logs/select_kl/{model}/{task}.log",
+        conda:
+            ENV
+        shell:
+            "{T2} select-expert --candidates {params.dirs} --out {params.out} 2> {log}"

@@ -1,0 +1,60 @@
+"""`t2eval select-expert`: pick the best of several trained SVF experts by validation score.
+
+The paper sweeps the KL coefficient λ ∈ {0, 0.1, 0.2, 0.3} and keeps, per task, the run whose best
+validation score is highest (PROTOCOL §3). Each candidate is a train-svf output directory
+(`z.safetensors` = its best-validation checkpoint, `log.jsonl` with `split_scores.valid`). The winner's
+files are copied to `--out`, with `selection.json` recording every candidate's score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import T2EvalError
+
+
+def best_valid(run_dir: Path) -> float:
+    log = run_dir / "log.jsonl"
+    if not log.exists():
+        raise T2EvalError(f"{log} is missing: is {run_dir} a finished `t2eval train-svf` output?")
+    scores = []
+    for i, line in enumerate(log.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise T2EvalError(f"{log}:{i}: not JSON") from None
+        v = (row.get("split_scores") or {}).get("valid")
+        if v is not None:
+            scores.append(float(v))
+    if not scores:
+        raise T2EvalError(f"{log} has no validation score (split_scores.valid): train with valid in --eval-splits")
+    return max(scores)
+
+
+def select(candidates: list[Path], out: Path) -> dict:
+    scored = [(best_valid(c), i, c) for i, c in enumerate(candidates)]
+    best = max(scored, key=lambda t: (t[0], -t[1]))  # ties: the first candidate (smallest λ as listed)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in best[2].iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    record = {"selected": str(best[2]), "valid": best[0],
+              "candidates": [{"dir": str(c), "valid": v} for v, _, c in scored]}
+    (out / "selection.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--candidates", nargs="+", required=True, help="train-svf output directories")
+    p.add_argument("--out", required=True, help="directory receiving the selected expert's files")
+
+
+def run(args: argparse.Namespace) -> int:
+    rec = select([Path(c) for c in args.candidates], Path(args.out))
+    print(json.dumps(rec))
+    return 0
