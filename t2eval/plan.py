@@ -5,7 +5,7 @@ Paths follow ARCHITECTURE.md:
   models/<model>/                                  prepared model
   svd/<model>-<targets>.safetensors                decomposition
   experts/<model>/<variant>/<task>/z.safetensors   SVF experts (variant: svf, svf-attn, svf-mlp+attn, svf-ntp)
-  experts/<model>/<variant>/<task>/adapter/        LoRA (variant: lora, lora-pg, lora-mlp+attn)
+  experts/<model>/<variant>/<task>/               LoRA peft adapter dir (variant: lora, lora-pg, lora-mlp+attn)
   experts/<model>/fewshot[-from-<src>]/<task>/alpha.json
   results/raw/<model>/<method>/<task>.json         one cell
 """
@@ -71,7 +71,7 @@ def svf_log(model: str, task: str, variant: str = "svf") -> str:
 
 
 def lora_adapter(model: str, task: str, variant: str = "lora") -> str:
-    return f"experts/{model}/{variant}/{task}/adapter"
+    return f"experts/{model}/{variant}/{task}"
 
 
 def lora_marker(model: str, task: str, variant: str = "lora") -> str:
