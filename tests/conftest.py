@@ -41,3 +41,19 @@ def smollm2_dir(tmp_path_factory) -> Path:
     from t2eval.models.embedded import build_smollm2
 
     return build_smollm2(tmp_path_factory.mktemp("models") / "smollm2-135m", dtype="float32")
+
+
+def snakemake_job_counts(out: str) -> dict[str, int]:
+    """Job counts per rule from the "Job stats" table that `snakemake -n` prints."""
+    counts, on = {}, False
+    for line in out.splitlines():
+        if line.startswith("job ") and "count" in line:
+            on = True
+            continue
+        if on:
+            parts = line.split()
+            if len(parts) == 2 and parts[1].isdigit():
+                counts[parts[0]] = int(parts[1])
+            elif parts and parts[0] == "total":
+                break
+    return counts

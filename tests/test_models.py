@@ -86,9 +86,16 @@ def test_registry_has_the_protocol_models():
     assert reg["llama3-70b"].svf_layers == "half"
 
 
-def test_local_dir_resolves(tiny_model):
+def test_local_dir_resolves(tiny_model, tmp_path):
     assert resolve_model_dir(str(tiny_model)) == tiny_model
-    assert model_spec(str(tiny_model)).source == "local"
+    assert model_spec(str(tiny_model)).key == "tiny-llama"  # a prepared dir records its registry key
+    import shutil
+
+    own = tmp_path / "my-llama-3-finetune"
+    own.mkdir()
+    shutil.copy(tiny_model / "config.json", own / "config.json")
+    spec = model_spec(str(own))  # any other HF dir: a local model, family guessed from its name
+    assert spec.source == "local" and spec.family == "llama3" and spec.arc_prefill
 
 
 def test_unknown_model_error(tmp_path):

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import snakemake_job_counts
+
 from t2eval import plan as P
 from t2eval.errors import T2EvalError
 from t2eval.workflow_config import load
@@ -86,25 +88,10 @@ def _dry_run(*args):
                           capture_output=True, text=True, timeout=300, env=env)
 
 
-def _job_counts(out: str) -> dict[str, int]:
-    counts, on = {}, False
-    for line in out.splitlines():
-        if line.startswith("job ") and "count" in line:
-            on = True
-            continue
-        if on:
-            parts = line.split()
-            if len(parts) == 2 and parts[1].isdigit():
-                counts[parts[0]] = int(parts[1])
-            elif parts and parts[0] == "total":
-                break
-    return counts
-
-
 def test_paper_dag_plans_without_the_hub():
     r = _dry_run("--configfile", "workflow/config/paper.yaml")
     assert r.returncode == 0, r.stderr[-3000:]
-    c = _job_counts(r.stdout)
+    c = snakemake_job_counts(r.stdout)
     assert c["prepare_model"] == 3 and c["evaluate"] == len(P.cells(load(CONFIGS["paper"])))
     assert c["fit_fewshot"] == 9 and c["fit_fewshot_cross_model"] == 3
     # λ sweep {0, .1, .2, .3}: 4 runs per (model, task) expert + one selection each; Table 4 variants apart

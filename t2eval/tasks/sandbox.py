@@ -95,6 +95,27 @@ def _prepare_dir(workdir: str) -> None:
         os.chmod(workdir, 0o700)
 
 
+_PIDNS: list[str] | None = None
+
+
+def _pid_namespace_prefix() -> list[str]:
+    """`unshare --pid --fork --kill-child` when running as root and it works here: the program runs
+    as PID 1 of a fresh PID namespace, so when it ends (or is killed) the kernel kills everything it
+    spawned, including grandchildren that left the process group with setsid()."""
+    global _PIDNS
+    if _PIDNS is None:
+        _PIDNS = []
+        exe = shutil.which("unshare")
+        if exe and os.geteuid() == 0:
+            cmd = [exe, "--pid", "--fork", "--kill-child"]
+            try:
+                if subprocess.run([*cmd, "true"], capture_output=True, timeout=10).returncode == 0:
+                    _PIDNS = cmd
+            except (OSError, subprocess.SubprocessError):
+                pass
+    return _PIDNS
+
+
 def run_program(program: Program, limits: Limits | None = None) -> ExecResult:
     """Run one program in the sandbox (no opt-in check: callers use `run_programs`)."""
     import time
@@ -117,7 +138,8 @@ def run_program(program: Program, limits: Limits | None = None) -> ExecResult:
         _prepare_dir(workdir)
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0",
                "OMP_NUM_THREADS": "1", "LANG": "C.UTF-8"}
-        proc = subprocess.Popen([sys.executable, "-I", str(CHILD), job_path], cwd=workdir, env=env,
+        proc = subprocess.Popen([*_pid_namespace_prefix(), sys.executable, "-I", str(CHILD), job_path],
+                                cwd=workdir, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         try:
