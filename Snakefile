@@ -20,7 +20,10 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# the cells are listed too: a deleted cell is then rebuilt (with the tables and figures made from it)
+# instead of being treated as a removable intermediate of up-to-date tables
 rule all:
     input:
+        [c.path for c in CELLS],
         TABLES,
         FIGURES,
