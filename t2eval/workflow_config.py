@@ -71,7 +71,7 @@ def _schema() -> dict[str, Any]:
 def validate(cfg: Mapping[str, Any], source: str = "config") -> None:
     import jsonschema
 
-    validator = jsonschema.Draft7Validator(_schema())
+    validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
     if not errors:
         return
