@@ -203,6 +203,23 @@ def build_lm(model: str, model_args: dict[str, Any], backend: str | None = None,
     return T2LM(**kw)
 
 
+def hardware_name(lm=None) -> str:
+    """What ran the evaluation, for Table 3: the GPU name(s), else the CPU model and core count."""
+    import torch
+
+    dev = str(getattr(lm, "device", "") or "")
+    if dev.startswith("cuda") and torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"{len(names)}x {names[0]}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
 def evaluate(model: str, method: str, task: str, out: str | Path, model_args: dict[str, Any] | str = "", *,
              limit: int | None = None, split: str = "test", data_dir: str | None = None,
              lm_eval_task: str | None = None, include_path: str | None = None, backend: str | None = None,
@@ -254,8 +271,7 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
     timing = {k: rec.get(k) for k in ("first_pass_s", "second_pass_s", "swap_s", "tokens_first", "tokens_second")}
     timing.update(total_s=eval_s, load_s=load_s, setup_swap_s=rec.get("setup_swap_s"),
                   prompt_tokens_first=rec.get("prompt_tokens_first"), dispatch_mode=rec.get("dispatch_mode"),
-                  hardware=f"{platform.machine()} {os.cpu_count()} cpu "
-                           f"{getattr(lm, 'device', '')} backend={margs.get('backend', backend or 'hf')}")
+                  hardware=f"{hardware_name(lm)}, backend={margs.get('backend', backend or 'hf')}")
     dispatch = ([{k: d[k] for k in ("doc_id", "true_task", "chosen", "category") if k in d}
                  for d in rec.get("dispatch", [])] if two_pass else None)
     blob = jsonable({k: res.get(k) for k in ("results", "configs", "config", "versions", "n-shot", "higher_is_better",
