@@ -48,7 +48,8 @@ rule train_svf:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {CODE_OPT_IN}{T2} train-svf --model {params.model} --svd {input.svd} --task {wildcards.task} --out {params.out}"
         " --data-dir {DATA_DIR} --objective {params.objective} --iterations {TS[iterations]}"
         " --batch-size {TS[batch_size]} --micro-batch {TS[micro_batch]} --max-new-tokens {TS[max_new_tokens]}"
-        " --eval-every {TS[eval_every]} {params.eval_limit} --kl-coef {params.kl} --optimizer {TS[optimizer]}"
+        " --eval-every {TS[eval_every]} {params.eval_limit} --eval-splits {TS[eval_splits]} --kl-coef {params.kl}"
+        " --optimizer {TS[optimizer]}"
         " --param {TS[param]} --lr {TS[lr]} --seed {CFG[seed]} --backend {params.backend} 2> {log}"
 
 
@@ -79,7 +80,8 @@ rule train_lora:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {CODE_OPT_IN}{T2} train-lora --model {params.model} --task {wildcards.task} --out {params.out} --data-dir {DATA_DIR}"
         " --targets {params.targets} --objective {params.objective} --iterations {TL[iterations]}"
         " --batch-size {TL[batch_size]} --micro-batch {TL[micro_batch]} --lr {TL[lr]} --eval-every {TL[eval_every]}"
-        " {params.eval_limit} --max-new-tokens {TL[max_new_tokens]} --seed {CFG[seed]} 2> {log}"
+        " {params.eval_limit} --eval-splits {TL[eval_splits]} --max-new-tokens {TL[max_new_tokens]} --seed {CFG[seed]}"
+        " 2> {log}"
 
 
 # The paper's KL sweep (train_svf.kl_sweep, e.g. [0, 0.1, 0.2, 0.3]): one run per λ into
