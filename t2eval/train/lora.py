@@ -31,9 +31,9 @@ import torch
 from ..errors import T2EvalError
 from . import losses
 from .reinforce import (append_jsonl, atomic_torch_save, limit, load_task, model_family, nonfinite_error,
-                        read_checkpoint, resume_counters,
+                        read_checkpoint, resume_counters, training_batch,
                         progress_bar, sample_batch, truncate_log)
-from .rollout import encode_completions, rollout
+from .rollout import rollout
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +189,11 @@ def train_lora(cfg: LoRATrainConfig, task=None) -> dict:
             times = {"rollout_s": 0.0, "grad_s": 0.0, "eval_s": 0.0}
             t0 = time.perf_counter()
             docs = [train_docs[i] for i in sample_batch(rng, len(train_docs), cfg.batch_size)]
-            if cfg.objective == "pg":
-                model.eval()
-                ro = rollout(backend, task, docs, family=family, max_new_tokens=max_new, temperature=cfg.temperature)
-                rewards = ro.rewards
-                p_ids, c_ids = encode_completions(tok, ro.prompts, ro.completions)
-                weights = losses.pg_weights(rewards, len(docs))
-            else:
-                prompts = [task.prompt(tok, d, family) for d in docs]
-                p_ids, c_ids = encode_completions(tok, prompts, [task.reference(d) for d in docs], append_eos=True)
-                rewards, weights = [], losses.ntp_weights(c_ids)
+            model.eval()
+            p_ids, c_ids, weights, rewards = training_batch(
+                cfg.objective, tok, task, docs, family,
+                lambda: rollout(backend, task, docs, family=family, max_new_tokens=max_new,
+                                temperature=cfg.temperature))
             times["rollout_s"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()

@@ -150,6 +150,20 @@ def truncate_log(path: Path, offset: int) -> None:
             f.truncate(offset)
 
 
+def training_batch(objective: str, tok, task, docs: list, family: str, policy_rollout):
+    """(prompt ids, completion ids, per-sequence weights, rewards) of one iteration's batch.
+
+    pg: the current policy's rollouts (`policy_rollout()`), weighted r/B; ntp: the task's reference
+    solutions (+EOS), weighted for the mean token NLL. Shared by the SVF and LoRA trainers."""
+    if objective == "pg":
+        ro = policy_rollout()
+        p_ids, c_ids = encode_completions(tok, ro.prompts, ro.completions)
+        return p_ids, c_ids, losses.pg_weights(ro.rewards, len(docs)), ro.rewards
+    prompts = [task.prompt(tok, d, family) for d in docs]
+    p_ids, c_ids = encode_completions(tok, prompts, [task.reference(d) for d in docs], append_eos=True)
+    return p_ids, c_ids, losses.ntp_weights(c_ids), []
+
+
 def read_checkpoint(ckpt_path: Path, identity: dict) -> dict | None:
     """The resume checkpoint, or None; refuses one written with other settings (names the fields)."""
     if not ckpt_path.exists():
@@ -307,20 +321,15 @@ def train_svf(cfg: SVFTrainConfig, task=None) -> dict:
             times = {"rollout_s": 0.0, "grad_s": 0.0, "eval_s": 0.0}
             t0 = time.perf_counter()
             docs = [train_docs[i] for i in sample_batch(rng, len(train_docs), cfg.batch_size)]
-            if cfg.objective == "pg":
+            def policy_rollout():
                 set_policy()
                 try:
-                    ro = rollout(backend, task, docs, family=family, max_new_tokens=max_new,
-                                 temperature=cfg.temperature)
+                    return rollout(backend, task, docs, family=family, max_new_tokens=max_new,
+                                   temperature=cfg.temperature)
                 finally:
                     backend.set_scales(None)
-                rewards = ro.rewards
-                p_ids, c_ids = encode_completions(tok, ro.prompts, ro.completions)
-                weights = losses.pg_weights(rewards, len(docs))
-            else:
-                prompts = [task.prompt(tok, d, family) for d in docs]
-                p_ids, c_ids = encode_completions(tok, prompts, [task.reference(d) for d in docs], append_eos=True)
-                rewards, weights = [], losses.ntp_weights(c_ids)
+
+            p_ids, c_ids, weights, rewards = training_batch(cfg.objective, tok, task, docs, family, policy_rollout)
             times["rollout_s"] = time.perf_counter() - t0
 
             t0 = time.perf_counter()
