@@ -30,8 +30,8 @@ import torch
 
 from ..errors import T2EvalError
 from . import losses
-from .reinforce import (append_jsonl, atomic_torch_save, limit, load_task, model_family, nonfinite_error,
-                        read_checkpoint, resume_counters, training_batch,
+from .reinforce import (append_jsonl, atomic_torch_save, load_task, model_family, nonfinite_error,
+                        read_checkpoint, resume_counters, task_data, training_batch,
                         progress_bar, sample_batch, truncate_log)
 from .rollout import rollout
 
@@ -162,11 +162,7 @@ def train_lora(cfg: LoRATrainConfig, task=None) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_docs = task.docs("train", cfg.data_dir)
-    if not train_docs:
-        raise T2EvalError(f"task {cfg.task}: the train split is empty (data dir {cfg.data_dir})")
-    eval_docs = {s: limit(task.docs(s, cfg.data_dir), cfg.eval_limit) for s in cfg.eval_splits}
-    max_new = cfg.max_new_tokens or task.gen_kwargs.get("max_new_tokens", 512)
+    train_docs, eval_docs, max_new = task_data(task, cfg)
     rng = np.random.RandomState(cfg.seed)
     start, best = 0, {"valid": -math.inf, "iteration": None}
 

@@ -150,6 +150,15 @@ def truncate_log(path: Path, offset: int) -> None:
             f.truncate(offset)
 
 
+def task_data(task, cfg) -> tuple[list, dict[str, list], int]:
+    """Train docs (non-empty), the evaluated splits' docs (limited) and the generation length."""
+    train_docs = task.docs("train", cfg.data_dir)
+    if not train_docs:
+        raise T2EvalError(f"task {cfg.task}: the train split is empty (data dir {cfg.data_dir})")
+    eval_docs = {s: limit(task.docs(s, cfg.data_dir), cfg.eval_limit) for s in cfg.eval_splits}
+    return train_docs, eval_docs, cfg.max_new_tokens or task.gen_kwargs.get("max_new_tokens", 512)
+
+
 def training_batch(objective: str, tok, task, docs: list, family: str, policy_rollout):
     """(prompt ids, completion ids, per-sequence weights, rewards) of one iteration's batch.
 
@@ -276,11 +285,7 @@ def train_svf(cfg: SVFTrainConfig, task=None) -> dict:
     if missing:
         raise T2EvalError(f"SVD cache {cfg.svd} names {missing[0]} which {cfg.model} does not have: "
                           "decompose this model (t2eval decompose)")
-    train_docs = task.docs("train", cfg.data_dir)
-    if not train_docs:
-        raise T2EvalError(f"task {cfg.task}: the train split is empty (data dir {cfg.data_dir})")
-    eval_docs = {s: limit(task.docs(s, cfg.data_dir), cfg.eval_limit) for s in cfg.eval_splits}
-    max_new = cfg.max_new_tokens or task.gen_kwargs.get("max_new_tokens", 512)
+    train_docs, eval_docs, max_new = task_data(task, cfg)
 
     policy = svf.SVFModule(model, svd, svf.init_z(svd, cfg.seed), param=cfg.param)
     z = policy.z_dict()
