@@ -92,3 +92,16 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(data_mirror, monkeypatch):
     t = get_task("humaneval", tests="original")
     assert all(t.score_batch(he[:4], [t.reference(d) for d in he[:4]]))
     assert get_task("mbpp", tests="original").score_batch(mbpp[:4], [get_task("mbpp").reference(d) for d in mbpp[:4]]) == [True] * 4
+
+
+@pytest.mark.parametrize("limits, which", [(Limits(timeout=30, cpu_s=2), "CPU-time limit"),
+                                           (Limits(timeout=2, cpu_s=30), "wall-clock limit")])
+def test_busy_loop_is_a_timeout_whichever_limit_hits_first(limits, which):
+    # module-level loop (while loading) and a loop inside the entry point (on a base input)
+    loaders = "def add(a, b):\n    return a + b\nwhile True:\n    pass\n"
+    caller = "def add(a, b):\n    while True:\n        pass\n"
+    res = run_programs([_prog(loaders), Program(code=caller.replace("add", "f") + "f(1, 2)\n")],
+                       allow_code_execution=True, workers=2, limits=limits)
+    for r in res:
+        assert r.status == "fail" and "timeout" in r.reason and which in r.reason, r
+        assert r.seconds < 20, r

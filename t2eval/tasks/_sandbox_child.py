@@ -20,6 +20,12 @@ class _Timeout(BaseException):
     pass
 
 
+def _on_cpu_limit(signum, frame):
+    # RLIMIT_CPU's soft limit sends SIGXCPU (whose default action kills without a report); the hard
+    # limit, a few seconds later, still SIGKILLs a program that swallows this.
+    raise _Timeout("cpu")
+
+
 def _alarm(seconds):
     def handler(signum, frame):
         raise _Timeout()
@@ -50,7 +56,6 @@ def _run_canonical(job):
 def _limits(job):
     mem = int(job["memory_mb"]) * 1024 * 1024
     for res, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_DATA, mem),
-                     (resource.RLIMIT_CPU, int(job["cpu_s"])),
                      (resource.RLIMIT_FSIZE, int(job["fsize_mb"]) * 1024 * 1024),
                      (resource.RLIMIT_NPROC, int(job["nproc"])),
                      (resource.RLIMIT_CORE, 0)):
@@ -58,6 +63,16 @@ def _limits(job):
             resource.setrlimit(res, (val, val))
         except (ValueError, OSError):
             pass
+    # CPU seconds are counted from here (the interpreter's start-up and the trusted canonical run
+    # are not charged to the candidate); soft limit -> SIGXCPU -> a "timeout" report.
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    spent = int(used.ru_utime + used.ru_stime + 0.999)
+    cpu = spent + int(job["cpu_s"])
+    signal.signal(signal.SIGXCPU, _on_cpu_limit)
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 2))
+    except (ValueError, OSError):
+        pass
 
 
 # Imported before the switch to `nobody`, who may not be able to read the interpreter's stdlib
@@ -249,8 +264,9 @@ def main():
         _alarm(job["timeout"])
         exec(compile(job["code"], "<candidate>", "exec"), g)
         _disarm()
-    except _Timeout:
-        report("fail", "timeout while loading the program")
+    except _Timeout as e:
+        what = "CPU-time limit" if e.args == ("cpu",) else "wall-clock limit"
+        report("fail", f"timeout while loading the program ({what})")
     except BaseException as e:  # noqa: BLE001
         _disarm()
         report("fail", f"{type(e).__name__}: {str(e)[:200]}")
@@ -267,8 +283,9 @@ def main():
             out = fn(*inp)
             _disarm()
             _compare(job["dataset"], job["entry_point"], out, expected[i], job["atol"], inp)
-        except _Timeout:
-            report("fail", f"timeout on base input {i} (limit {limit:.2f}s)", failed_input=i)
+        except _Timeout as e:
+            what = "CPU-time limit" if e.args == ("cpu",) else f"limit {limit:.2f}s"
+            report("fail", f"timeout on base input {i} ({what})", failed_input=i)
         except BaseException as e:  # noqa: BLE001
             _disarm()
             report("fail", f"base input {i}: {type(e).__name__}: {str(e)[:200]}", failed_input=i)

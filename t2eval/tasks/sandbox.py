@@ -164,6 +164,9 @@ def run_program(program: Program, limits: Limits | None = None) -> ExecResult:
                 rep = json.loads(line[len(token) + 1:])
                 st = rep.get("status", "error")
                 return ExecResult(st == "pass", st, rep.get("reason", ""), secs)
+        if secs >= min(limits.timeout, limits.cpu_s):  # killed by the kernel at RLIMIT_CPU's hard limit
+            return ExecResult(False, "timeout", f"killed at the time limit without a report "
+                              f"(exit code {proc.returncode})", secs)
         return ExecResult(False, "crash", f"no report from the sandbox (exit code {proc.returncode})", secs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
