@@ -314,26 +314,12 @@ class T2LM(TwoPassMixin, HFLM):
         self._t2_setup(cfg)
 
     def _t2_next_token_logprobs(self, prompts: list[str]):
-        """Log-probabilities of the token after each prompt: batched, left-padded forward passes."""
-        import torch
+        """Log-probabilities of the token after each prompt: batched forward passes, the prompts'
+        shared prefix (the classification system prompt) encoded once (`adapt.prefix_logprobs`)."""
+        from .adapt.prefix_logprobs import next_token_logprobs
 
-        tok = self.tokenizer
         bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
-        out = []
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            for i in range(0, len(prompts), bs):
-                enc = tok(prompts[i:i + bs], return_tensors="pt", padding=True, add_special_tokens=False)
-                mask = enc["attention_mask"].to(self.device)
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                with torch.no_grad():
-                    logits = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask,
-                                        position_ids=pos).logits[:, -1, :]
-                out.extend(torch.log_softmax(logits.float(), dim=-1).cpu())
-        finally:
-            tok.padding_side = side
-        return out
+        return next_token_logprobs(self.model, self.tokenizer, prompts, batch_size=bs, device=self.device)
 
     def _t2_set_scales(self, scales) -> float:
         t0 = time.perf_counter()
@@ -356,21 +342,37 @@ def make_vllm(pretrained, dtype: str = "float32", batch_size="auto", **kwargs):
     """Build the backend=vllm flavour (lm-eval's VLLM + the vLLM engineer's scale swap)."""
     global _VLLM_CLS
     if _VLLM_CLS is None:
-        from lm_eval.models.vllm_causallms import VLLM
+        from .backends.vllm import lm_eval_vllm_class
+
+        VLLM = lm_eval_vllm_class()
 
         class T2VLLM(TwoPassMixin, VLLM):
             def __init__(self, pretrained, dtype="float32", batch_size="auto", **kwargs):
+                from .backends import vllm as vb
+
                 cfg, _, kw = _split_t2_kwargs(kwargs)
                 kw.pop("device", None)
+                # fail before the engine starts (tens of seconds), not after
+                if (cfg.adapter_kind == "svf" or cfg.strategy != "none") and not cfg.svd:
+                    ExpertBank(None).svd  # noqa: B018 - raises the "add svd=<cache path>" error
                 if cfg.adapter_kind == "lora":
+                    vb.lora_request(cfg.adapter_path)  # raises unless it is a peft adapter directory
                     kw["lora_local_path"] = cfg.adapter_path
                 if cfg.svd or cfg.adapter_kind == "svf" or cfg.strategy != "none":
                     from .backends.vllm_worker import EXTENSION
 
                     kw.setdefault("worker_extension_cls", EXTENSION)  # SVF swaps inside the workers
                     kw.setdefault("enforce_eager", True)
+                kw.update(vb.cpu_engine_defaults(kw))
+                # lm-eval's VLLM passes its own chat_template= next to **chat_template_args: a
+                # chat_template there (the code tasks' template, see evaluate.py) replaces that one
+                cta = dict(kw.pop("chat_template_args", None) or {})
+                template = cta.pop("chat_template", None)
                 self.t2_pretrained_dir = _resolve(pretrained)
-                super().__init__(pretrained=self.t2_pretrained_dir, dtype=dtype, batch_size=batch_size, **kw)
+                super().__init__(pretrained=self.t2_pretrained_dir, dtype=dtype, batch_size=batch_size,
+                                 chat_template_args=cta, **kw)
+                if template is not None:
+                    self.hf_chat_template = template
                 self._t2_setup(cfg)
 
             def _t2_set_scales(self, scales) -> float:

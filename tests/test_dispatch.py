@@ -97,3 +97,33 @@ def test_logprob_fast_path_is_one_batched_forward_and_matches_single_prompts(tok
     # the first token's log-prob is the first term of the full label score
     full = lm._t2_score([(prompts[0], tok.decode([firsts[0]]))])[0]
     assert abs(full - float(batched[0][firsts[0]])) < 1e-3
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_shared_prefix_logprobs_equal_plain_forwards(tok, batch_size):
+    """The prefix-cached path (shared system prompt encoded once) gives every prompt's own next-token
+    distribution, whatever the micro-batching; prompts without a shared prefix take the plain path;
+    a prompt that is a prefix of another still keeps one token of its own."""
+    import torch
+
+    from t2eval.adapt.prefix_logprobs import common_prefix_len, next_token_logprobs
+    from t2eval.models.loading import load_model
+    from t2eval.testing import tiny_model_dir
+
+    model = load_model(str(tiny_model_dir(0)), dtype="float32")
+    base = dsp.classification_prompt(tok, "Q")
+    shared = [dsp.classification_prompt(tok, q) + dsp.ANSWER_PREFIX for q in
+              ("What is 3 + 5?", "Reverse a list in Python, in place, without slicing.", "Why?", "Name a prime.")]
+    shared.append(shared[2][:-3])  # a strict prefix of another prompt
+    unrelated = ["Hello there", "A completely different opening", "x"]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in shared]
+    assert common_prefix_len(ids) >= 16 and common_prefix_len([[1, 2, 3], [1, 2, 4]]) == 2
+    for prompts in (shared, unrelated):
+        rows = next_token_logprobs(model, tok, prompts, batch_size=batch_size)
+        assert len(rows) == len(prompts)
+        for p, row in zip(prompts, rows):
+            x = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
+            with torch.no_grad():
+                ref = torch.log_softmax(model(x).logits[0, -1].float(), -1)
+            assert torch.allclose(row, ref, atol=1e-4), (p[-40:], (row - ref).abs().max())
+    assert len(tok(base, add_special_tokens=False)["input_ids"]) > 16
