@@ -82,13 +82,15 @@ def _rel(a, b):
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
-def test_batched_gradient_equals_per_sample(loaded):
+@pytest.mark.parametrize("max_pad_frac", [1.0, 0.0])  # padded micro-batches of 3 / one sequence each
+def test_batched_gradient_equals_per_sample(loaded, monkeypatch, max_pad_frac):
     from torch.func import functional_call
 
     from t2eval import svf
     from t2eval.train import losses
     from t2eval.train.reinforce import svf_policy_gradient
 
+    monkeypatch.setattr(losses, "MAX_PAD_FRAC", max_pad_frac)
     model, tok, svd = loaded
     p_ids, c_ids = _batch(tok)
     rewards = [1.0, -1.0, 1.0, -1.0, -1.0]
@@ -116,6 +118,23 @@ def test_batched_gradient_equals_per_sample(loaded):
     assert torch.linalg.norm(total) > 0
     assert _rel(g_batched, total) <= 1e-5
     assert stats["pg_loss"] == pytest.approx(pg, rel=1e-5)
+
+
+def test_micro_batches_cover_every_sequence_and_cap_padding():
+    from t2eval.train.losses import _micro_batches
+
+    lengths = [400, 150, 390, 160, 380, 155, 100, 395, 5]
+    for mb in (1, 2, 3, 8):
+        for frac in (0.0, 0.1, 0.25, 1.0):
+            groups = _micro_batches(lengths, mb, frac)
+            assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+            for g in groups:
+                assert len(g) <= mb
+                width, real = max(lengths[i] for i in g), sum(lengths[i] for i in g)
+                assert width * len(g) - real <= frac * width * len(g) + 1e-9
+    assert _micro_batches([7] * 10, 4, 0.0) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # equal lengths fill up
+    assert _micro_batches(lengths, 8, 1.0) == [[0, 7, 2, 4, 3, 5, 1, 6], [8]]  # no cap: plain chunks by length
+    assert len(_micro_batches(lengths, 8, 0.25)) == 3  # ~390s | ~155s and 100 | 5
 
 
 def test_kl_zero_at_base_and_positive_after_change(loaded):

@@ -4,9 +4,10 @@ One function, `sequence_loss_backward`, computes for a batch of (prompt, complet
 
     loss = Σ_j [ −w_j · Σ_t log π(ŷ_jt | x_j, ŷ_j<t)  +  λ · k_j · Σ_t KL_t ]
 
-over the completion tokens only, in padded micro-batches (left padding, attention masks,
-explicit position ids), calling `backward()` once per micro-batch so gradients accumulate in
-whatever leaves `forward` depends on (SVF: the composed weights W′; LoRA: the adapter weights).
+over the completion tokens only, in padded micro-batches of similar lengths (left padding,
+attention masks, explicit position ids; `_micro_batches` caps the padding), calling `backward()`
+once per micro-batch so gradients accumulate in whatever leaves `forward` depends on (SVF: the
+composed weights W′; LoRA: the adapter weights).
 
 REINFORCE (PROTOCOL §3): w_j = r_j / B, k_j = 1 / B. Next-token prediction: w_j = 1 / (total
 completion tokens), i.e. the mean token NLL of the batch. The KL is over the full vocabulary,
@@ -39,9 +40,35 @@ def ntp_weights(completion_ids: Sequence[Sequence[int]]) -> list[float]:
     return [1.0 / n] * len(completion_ids)
 
 
-def _micro_batches(lengths: Sequence[int], micro_batch: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # similar lengths share padding
-    return [order[i:i + micro_batch] for i in range(0, len(order), max(1, micro_batch))]
+MAX_PAD_FRAC = 0.25
+
+
+def _micro_batches(lengths: Sequence[int], micro_batch: int, max_pad_frac: float = MAX_PAD_FRAC) -> list[list[int]]:
+    """Indices grouped into micro-batches of at most `micro_batch` sequences, longest first.
+
+    A micro-batch is also closed early when adding the next (shorter) sequence would make padding
+    more than `max_pad_frac` of its padded tokens: with left padding every row costs as much as the
+    longest, so mixing a 400-token and a 150-token sequence wastes more compute than batching saves
+    (on CPUs, where a single sequence already fills the matrix units). The gradient does not depend
+    on the grouping; only the cost does.
+    """
+    mb = max(1, int(micro_batch))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in order:
+        if cur:
+            width = lengths[cur[0]]  # the longest of the group (sorted)
+            padded = width * (len(cur) + 1)
+            if len(cur) >= mb or (padded - real - lengths[i]) > max_pad_frac * padded:
+                groups.append(cur)
+                cur, real = [], 0
+        cur.append(i)
+        real += lengths[i]
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, direction: str = "code") -> torch.Tensor:
@@ -57,7 +84,8 @@ def sequence_loss_backward(forward: Callable, prompt_ids: Sequence[Sequence[int]
                            completion_ids: Sequence[Sequence[int]], weights: Sequence[float], *,
                            pad_id: int, micro_batch: int = 8, device="cpu", kl_coef: float = 0.0,
                            kl_weights: Sequence[float] | None = None, ref_forward: Callable | None = None,
-                           kl_direction: str = "code", backward: bool = True) -> dict[str, float]:
+                           kl_direction: str = "code", backward: bool = True,
+                           max_pad_frac: float | None = None) -> dict[str, float]:
     """Accumulate the gradient of the loss above; returns {loss, pg_loss, kl, n_tokens}.
 
     `pg_loss` = −Σ_j w_j Σ_t log π; `kl` = Σ_j k_j Σ_t KL (before λ); `loss` = pg_loss + λ·kl.
@@ -71,7 +99,8 @@ def sequence_loss_backward(forward: Callable, prompt_ids: Sequence[Sequence[int]
     kw = list(kl_weights) if kl_weights is not None else [1.0 / max(1, len(prompt_ids))] * len(prompt_ids)
     total = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "n_tokens": 0}
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    for idx in _micro_batches(lengths, micro_batch):
+    pad_frac = MAX_PAD_FRAC if max_pad_frac is None else max_pad_frac
+    for idx in _micro_batches(lengths, micro_batch, pad_frac):
         comps = [completion_ids[i] for i in idx]
         if not any(comps):
             continue
