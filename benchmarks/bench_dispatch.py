@@ -88,9 +88,14 @@ def main() -> None:
             cg = {d["doc_id"]: d["chosen"] for d in g["dispatch"]}
             cl = {d["doc_id"]: d["chosen"] for d in lp["dispatch"]}
             agree = sum(cg[k] == cl.get(k) for k in cg) / len(cg)
+            # where the generated answer holds a \boxed{label} the model followed the requested format;
+            # only there do the two modes answer the same question
+            fmt = [d["doc_id"] for d in g["dispatch"] if "\\boxed{" in (d.get("raw") or "")]
+            agree_fmt = (f"{sum(cg[k] == cl.get(k) for k in fmt) / len(fmt):.0%} of {len(fmt)}" if fmt else "n/a")
             tg, tl = g["timing"], lp["timing"]
             print(f"{task:14s} first/second: generate {tg['first_pass_s'] / tg['second_pass_s']:.1%}, "
-                  f"logprob {tl['first_pass_s'] / tl['second_pass_s']:.1%}; same expert {agree:.0%}; "
+                  f"logprob {tl['first_pass_s'] / tl['second_pass_s']:.1%}; same expert {agree:.0%} "
+                  f"(where generate followed the format: {agree_fmt}); "
                   f"score {g['score']:.3f} (generate) / {lp['score']:.3f} (logprob)")
 
 

@@ -7,7 +7,10 @@ RL training); this module only runs them over a batch, in one of two modes:
   (unparsable → "others"); used by the Prompt strategy (base weights) and the Cls strategy (cls
   expert loaded by the caller).
 - `logprob`: one forward pass scoring each category label after the classification prompt
-  followed by the answer prefix (`\\boxed{`); the label with the highest total log-probability wins.
+  followed by the answer prefix the prompt asks for (`Classification: \\boxed{`, so a model that
+  follows the format is scored exactly where its greedy answer would put the label); the label with
+  the highest log-probability wins. Unlike `generate`, it always yields one of the labels, also
+  for models that ignore the requested format (whose generated answers parse to "other").
 
 Both take backend-neutral callables so lm-eval's HFLM / VLLM and the t2eval backends can be used.
 """
@@ -19,7 +22,7 @@ from typing import Callable, Sequence
 
 # category -> expert name (None = base weights). PROTOCOL §6: "other" uses the base model.
 EXPERT_OF = {"code": "code", "math": "math", "reasoning": "reasoning"}
-ANSWER_PREFIX = "\\boxed{"
+ANSWER_PREFIX = "Classification: \\boxed{"  # the format the classification prompt asks for
 
 
 def _cls():
@@ -90,7 +93,7 @@ def dispatch_logprob(questions: Sequence[str], tokenizer,
                      score: Callable[[list[tuple[str, str]]], list[float]],
                      next_token_logprobs: Callable[[list[str]], Sequence[Sequence[float]]] | None = None
                      ) -> DispatchResult:
-    """Score every category label after `prompt + "\\boxed{"`; choose the most likely label.
+    """Score every category label after `prompt + ANSWER_PREFIX`; choose the most likely label.
 
     `score(pairs)` returns sum log p(continuation | context) for (context, continuation) pairs; the
     label is scored with its closing brace ("math}") so labels that are prefixes of others compete fairly.
