@@ -83,3 +83,22 @@ def test_set_scales_changes_and_restores_weights(backend, tmp_path):
     assert not torch.allclose(b.model.get_parameter(name), before)
     b.set_scales(None)
     assert torch.equal(b.model.get_parameter(name), before)
+
+
+def test_packed_completion_logits_equal_padded_ones_and_skip_padding(backend, monkeypatch):
+    """completion_token_logits: the LM head only on real completion positions, same values as the
+    padded path's masked logits; the padded path is only a fallback (not taken for Llama)."""
+    from t2eval.backends import hf
+
+    model, tok = backend.model, backend.tokenizer
+    prompts = [tok("Question one is long enough to pad the others", add_special_tokens=False)["input_ids"],
+               tok("Short", add_special_tokens=False)["input_ids"], [5, 6]]
+    comps = [[11, 12, 13], [21], [31, 32, 33, 34, 35]]
+    ref, tgt, cmask = hf.completion_logits(model, prompts, comps, tok.pad_token_id)
+    calls = []
+    monkeypatch.setattr(hf, "completion_logits", lambda *a, **k: calls.append(1))
+    logits, targets, rows = hf.completion_token_logits(model, prompts, comps, tok.pad_token_id)
+    assert not calls and logits.shape == (9, ref.shape[-1])
+    assert rows.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2]
+    assert targets.tolist() == [11, 12, 13, 21, 31, 32, 33, 34, 35] == tgt[cmask].tolist()
+    assert torch.allclose(logits, ref[cmask], atol=1e-5)

@@ -2,7 +2,8 @@
 
 Batches are LEFT-padded with explicit position ids, so a prompt generates the same greedy text
 alone or in a batch. Texts are cut at the first stop string. The same packing helpers
-(`left_pad`, `completion_logits`) serve the trainers' batched policy-gradient forward.
+(`left_pad`, `completion_logits`, `completion_token_logits`) serve the trainers' batched
+policy-gradient forward.
 """
 
 from __future__ import annotations
@@ -55,6 +56,50 @@ def completion_logits(forward: Callable, prompts: Sequence[Sequence[int]], compl
         if len(c):
             cmask[i, c_max - len(c):] = True
     return logits, targets, cmask
+
+
+def output_head(forward):
+    """The LM head (`get_output_embeddings()`) of a model, a peft model or a wrapper holding `.model`."""
+    for obj in (forward, getattr(forward, "model", None)):
+        get = getattr(obj, "get_output_embeddings", None) if obj is not None else None
+        if callable(get):
+            head = get()
+            if head is not None:
+                return head
+    return None
+
+
+def completion_token_logits(forward: Callable, prompts: Sequence[Sequence[int]],
+                            completions: Sequence[Sequence[int]], pad_id: int, device="cpu"):
+    """Logits of the real completion tokens only, packed: (logits [N, V], targets [N], rows [N]).
+
+    One left-padded forward for the body; the LM head then runs on the N = Σ_j |completion_j|
+    positions that predict a completion token, not on the C_max per row that `completion_logits`
+    needs (with completions of 64–256 tokens that is ~40% of the head's work and of the
+    log-softmax saved). The head is applied to the final (normed) hidden state; if that does not
+    reproduce the model's own logits (a model that post-processes them, e.g. soft-capping), this
+    falls back to `completion_logits`.
+    """
+    head = output_head(forward)
+    lens = [len(c) for c in completions]
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    ids, mask, pos = left_pad(seqs, pad_id, device)
+    width = ids.shape[1]
+    rows = torch.tensor([i for i, n in enumerate(lens) for _ in range(n)], dtype=torch.long, device=ids.device)
+    cols = torch.tensor([width - n - 1 + t for n in lens for t in range(n)], dtype=torch.long, device=ids.device)
+    targets = ids[rows, cols + 1]
+    if head is not None and rows.numel():
+        out = forward(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                      output_hidden_states=True)
+        hs = getattr(out, "hidden_states", None)
+        if hs:
+            h = hs[-1]
+            with torch.no_grad():
+                same = torch.allclose(head(h[:, -1:]).float(), out.logits[:, -1:].float(), rtol=1e-4, atol=1e-4)
+            if same:
+                return head(h[rows, cols]), targets, rows
+    logits, tgt, cmask = completion_logits(forward, prompts, completions, pad_id, device)
+    return logits[cmask], tgt[cmask], rows
 
 
 def cut_at_stop(text: str, stop: Sequence[str] | None) -> tuple[str, bool]:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..backends.hf import completion_logits
+from ..backends.hf import completion_token_logits
 
 KL_DIRECTIONS = ("code", "paper")
 
@@ -107,24 +107,29 @@ def sequence_loss_backward(forward: Callable, prompt_ids: Sequence[Sequence[int]
         prompts = [prompt_ids[i] for i in idx]
         ctx = torch.enable_grad() if backward else torch.no_grad()
         with ctx:
-            logits, targets, mask = completion_logits(forward, prompts, comps, pad_id, device)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-            w = torch.tensor([weights[i] for i in idx], dtype=logp.dtype, device=logp.device)
-            pg = -(tok.sum(-1) * w).sum()
+            # logits of the real completion tokens only, packed [N, V]; rows[n] = sequence of token n
+            logits, targets, rows = completion_token_logits(forward, prompts, comps, pad_id, device)
+            logits = logits.float()
+            w = torch.tensor([weights[i] for i in idx], dtype=logits.dtype, device=logits.device)[rows]
+            if use_kl:
+                logp = torch.log_softmax(logits, dim=-1)
+                tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            else:  # log π(y) = logit_y − logsumexp: no [N, V] log-softmax tensor kept for backward
+                tok = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            pg = -(tok * w).sum()
             loss = pg
-            kl = torch.zeros((), dtype=logp.dtype, device=logp.device)
+            kl = torch.zeros((), dtype=logits.dtype, device=logits.device)
             if use_kl:
                 with torch.no_grad():
-                    ref_logits, _, _ = completion_logits(ref_forward, prompts, comps, pad_id, device)
+                    ref_logits, _, _ = completion_token_logits(ref_forward, prompts, comps, pad_id, device)
                     ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
-                kwt = torch.tensor([kw[i] for i in idx], dtype=logp.dtype, device=logp.device)
-                kl = ((token_kl(logp, ref_logp, kl_direction) * mask).sum(-1) * kwt).sum()
+                kwt = torch.tensor([kw[i] for i in idx], dtype=logits.dtype, device=logits.device)[rows]
+                kl = (token_kl(logp, ref_logp, kl_direction) * kwt).sum()
                 loss = loss + kl_coef * kl
             if backward and loss.requires_grad:
                 loss.backward()
         total["loss"] += float(loss.detach())
         total["pg_loss"] += float(pg.detach())
         total["kl"] += float(kl.detach())
-        total["n_tokens"] += int(mask.sum())
+        total["n_tokens"] += int(targets.numel())
     return total
