@@ -363,6 +363,8 @@ def make_vllm(pretrained, dtype: str = "float32", batch_size="auto", **kwargs):
 
                     kw.setdefault("worker_extension_cls", EXTENSION)  # SVF swaps inside the workers
                     kw.setdefault("enforce_eager", True)
+                if cfg.strategy in ("prompt", "cls"):
+                    kw.setdefault("max_logprobs", -1)  # dispatch=logprob reads full next-token rows
                 kw.update(vb.cpu_engine_defaults(kw))
                 # lm-eval's VLLM passes its own chat_template= next to **chat_template_args: a
                 # chat_template there (the code tasks' template, see evaluate.py) replaces that one
@@ -374,6 +376,31 @@ def make_vllm(pretrained, dtype: str = "float32", batch_size="auto", **kwargs):
                 if template is not None:
                     self.hf_chat_template = template
                 self._t2_setup(cfg)
+
+            def _t2_next_token_logprobs(self, prompts: list[str]):
+                """Log-probabilities of the token after each prompt (dispatch=logprob's one-pass
+                path): one greedy step per prompt returning the full vocabulary's logprobs, instead of
+                lm-eval's loglikelihood (prompt logprobs over every position of every (prompt, label))."""
+                import torch
+                from vllm import SamplingParams, TokensPrompt
+
+                mc = self.model.llm_engine.model_config
+                vocab = mc.get_vocab_size()
+                if mc.max_logprobs != -1 and mc.max_logprobs < vocab:
+                    raise T2EvalError(f"this vLLM engine returns at most {mc.max_logprobs} logprobs per token; "
+                                      "dispatch=logprob needs the full row: start it with max_logprobs=-1")
+                ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+                sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False)
+                outs = self.model.generate([TokensPrompt(prompt_token_ids=x) for x in ids], sp, use_tqdm=False,
+                                           lora_request=self.lora_request)
+                rows = []
+                for o in outs:
+                    flat = o.outputs[0].logprobs
+                    s, e = flat.start_indices[0], flat.end_indices[0]
+                    row = torch.full((vocab,), float("-inf"))
+                    row[torch.tensor(flat.token_ids[s:e])] = torch.tensor(flat.logprobs[s:e], dtype=torch.float32)
+                    rows.append(row)
+                return rows
 
             def _t2_set_scales(self, scales) -> float:
                 from .backends import vllm as vb

