@@ -36,6 +36,7 @@ pytest.importorskip("vllm", reason="vllm is not importable")  # skip only when v
 TASK = "t2_arc_challenge"
 LIMIT = 8  # one batch of 8 on both sides
 MAX_GEN = 32
+LORA_GEN = 16  # vLLM's CPU LoRA kernels are slow: shorter answers for the LoRA comparison
 LETTERS = "ABCD"
 ENGINE = {"max_model_len": 2048, "kv_cache_memory_bytes": 2**30}
 
@@ -120,11 +121,11 @@ def chat_template(smollm2_dir) -> str:
 
 # --------------------------------------------------------------------------- helpers
 
-def _evaluate(lm, tm) -> tuple[list[str], list[dict]]:
+def _evaluate(lm, tm, max_gen: int = MAX_GEN) -> tuple[list[str], list[dict]]:
     import lm_eval
 
     res = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=tm, limit=LIMIT, apply_chat_template=True,
-                                  log_samples=True, gen_kwargs=f"max_gen_toks={MAX_GEN}")
+                                  log_samples=True, gen_kwargs=f"max_gen_toks={max_gen}")
     samples = sorted(res["samples"][TASK], key=lambda s: s["doc_id"])
     assert [s["doc_id"] for s in samples] == list(range(LIMIT))
     return [s["resps"][0][0] for s in samples], samples
@@ -155,6 +156,11 @@ def _cls_prompts(tokenizer) -> list[str]:
     questions = ["What is 12 + 7?", "Write a Python function that reverses a string.",
                  "Why does ice float on water?", "Name a primary color."]
     return [dsp.classification_prompt(tokenizer, q) + dsp.ANSWER_PREFIX for q in questions]
+
+
+def _truncated(text: str, tokenizer, n: int) -> str:
+    """The first n tokens of a greedy answer: what a run with max_gen_toks=n would have produced."""
+    return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:n])
 
 
 def _agree(a, b) -> float:
@@ -207,7 +213,7 @@ def hf_ref(smollm2_dir, task_manager, lora_dir, chat_template):
                        .logits[0, -1].log_softmax(-1) for p in ref["cls_prompts"]]
     del lm
     lm = T2LM(pretrained=str(smollm2_dir), adapter=f"lora:{lora_dir}", batch_size=8)
-    ref["lora"], _ = _evaluate(lm, task_manager)
+    ref["lora"], _ = _evaluate(lm, task_manager, LORA_GEN)
     del lm
     gc.collect()
     return ref
@@ -336,16 +342,17 @@ def test_lora_adapter_matches_hf_peft(smollm2_dir, lora_dir, hf_ref, vllm_base, 
     lm = build_lm(str(smollm2_dir), {"backend": "vllm", "adapter": f"lora:{lora_dir}", **ENGINE}, batch_size=8)
     try:
         assert lm.lora_request is not None and lm.model.llm_engine.vllm_config.lora_config.max_lora_rank >= 16
-        outs, _ = _evaluate(lm, task_manager)
+        outs, _ = _evaluate(lm, task_manager, LORA_GEN)
         rec = lm.t2_records[TASK]
     finally:
         _close(lm)
-    print(f"LoRA: {_agree(outs, hf_ref['lora']):.0%} equal to HF+peft, {1 - _agree(outs, vllm_base):.0%} differ "
+    base = [_truncated(b, lm.tokenizer, LORA_GEN) for b in vllm_base]
+    print(f"LoRA: {_agree(outs, hf_ref['lora']):.0%} equal to HF+peft, {1 - _agree(outs, base):.0%} differ "
           f"from the base")
     assert {d["chosen"] for d in rec["dispatch"]} == {"lora"}
     assert _agree(outs, hf_ref["lora"]) >= 0.95, list(zip(outs, hf_ref["lora"]))
-    assert any(a != b for a, b in zip(outs, vllm_base)), "the adapter should change some outputs"
-    assert any(a != b for a, b in zip(hf_ref["lora"], hf_ref["base"]))
+    assert any(a != b for a, b in zip(outs, base)), "the adapter should change some outputs"
+    assert any(a != b for a, b in zip(hf_ref["lora"], base))
 
 
 # --------------------------------------------------------------------------- fail before the engine starts
