@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--model", default="models/smollm2-135m")
     ap.add_argument("--tasks", default="math,arc_challenge,humaneval")
     ap.add_argument("--limit", type=int, default=4)
-    ap.add_argument("--max-gen-toks", type=int, default=64)
+    ap.add_argument("--max-gen-toks", type=int, default=64, help="cap on answer tokens; 0 = the protocol's")
+    ap.add_argument("--backend", default="hf", choices=("hf", "vllm"))
     ap.add_argument("--cls-max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--experts", default=None)
@@ -66,13 +67,14 @@ def main() -> None:
     for task in a.tasks.split(","):
         for mode in ("generate", "logprob"):
             margs = {"strategy": "prompt", "svd": svd, "dispatch": mode, "cls_max_new_tokens": a.cls_max_new_tokens,
+                     **({"backend": "vllm"} if a.backend == "vllm" else {}),
                      **{f"expert_{n}": p for n, p in experts.items()}}
             tpl = code_chat_template(task)
             if tpl:
                 margs["chat_template_args"] = {"chat_template": tpl}
             lm = build_lm(a.model, margs, batch_size=a.batch_size, device="cpu")
             cell = evaluate(a.model, "t2-prompt", task, tmp / "raw" / mode / f"{task}.json", margs, lm=lm,
-                            limit=a.limit, gen_kwargs=f"max_gen_toks={a.max_gen_toks}")
+                            limit=a.limit, gen_kwargs=f"max_gen_toks={a.max_gen_toks}" if a.max_gen_toks else None)
             rows[(task, mode)] = cell
             t = cell["timing"]
             print(f"{task:14s} {mode:8s} first {t['first_pass_s']:7.2f}s  second {t['second_pass_s']:7.2f}s  "
@@ -80,8 +82,8 @@ def main() -> None:
                   f"tok1 {t['tokens_first']} tok2 {t['tokens_second']}  score {cell['correct']}/{cell['total']}  "
                   f"chosen {[d['chosen'] for d in cell['dispatch']]}", flush=True)
             del lm
-    print(f"\nlimit {a.limit} docs/task, answers capped at {a.max_gen_toks} tokens, classification at "
-          f"{a.cls_max_new_tokens}; model {a.model}")
+    print(f"\nlimit {a.limit} docs/task, answers capped at {a.max_gen_toks or 'the protocol'} tokens, "
+          f"classification at {a.cls_max_new_tokens}; model {a.model}, backend {a.backend}")
     for task in a.tasks.split(","):
         g, lp = rows.get((task, "generate")), rows.get((task, "logprob"))
         if g and lp:
