@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from ..backends.hf import left_pad
+
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix shared by all sequences."""
@@ -33,36 +35,24 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
 @torch.no_grad()
 def _plain(model, ids: list[list[int]], pad_id: int, device) -> torch.Tensor:
     """Left-padded batched forward; log-softmax of the last position per row."""
-    width = max(len(s) for s in ids)
-    x = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for r, s in enumerate(ids):
-        x[r, width - len(s):] = torch.tensor(s)
-        mask[r, width - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                   logits_to_keep=1).logits
+    x, mask, pos = left_pad(ids, pad_id, device)
+    logits = model(input_ids=x, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
     return torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu()
 
 
 @torch.no_grad()
 def _with_prefix(model, cache, plen: int, suffixes: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    width = max(len(s) for s in suffixes)
-    n = len(suffixes)
     # suffixes left-padded after the cached prefix (the padding is masked out and the positions keep
     # counting from the prefix), so every row ends at the last column: only that column's logits
-    x = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, plen + width), dtype=torch.long)
-    mask[:, :plen] = 1
-    for r, s in enumerate(suffixes):
-        x[r, width - len(s):] = torch.tensor(s)
-        mask[r, plen + width - len(s):] = 1
+    x, smask, _ = left_pad(suffixes, pad_id, device)
+    n = x.shape[0]
+    mask = torch.cat([torch.ones((n, plen), dtype=smask.dtype, device=smask.device), smask], dim=1)
     pos = (mask.cumsum(-1) - 1)[:, plen:].clamp(min=plen)
     kv = copy.deepcopy(cache)
     if n > 1:
         kv.batch_repeat_interleave(n)
-    logits = model(input_ids=x.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                   past_key_values=kv, use_cache=True, logits_to_keep=1).logits
+    logits = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=kv, use_cache=True,
+                   logits_to_keep=1).logits
     return torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu()
 
 

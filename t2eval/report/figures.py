@@ -59,16 +59,15 @@ def caption(figure: str, model: str | None = None) -> str:
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The rows of a training log that carry a validation score:
     [{"iteration", "valid", "train", "test"}] (scores as fractions; train/test None when absent)."""
+    from ..data.datasets import read_jsonl_rows
+
     p = Path(path)
+    try:
+        lines = read_jsonl_rows(p)
+    except T2EvalError as e:
+        raise CorruptArtifactError(f"{e} (the training log must hold one JSON object per line)") from None
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorruptArtifactError(f"{p}:{n}: not a JSON line ({e.msg}); the training log must hold one "
-                                       f"JSON object per line") from None
+    for _, r in lines:
         ss = r.get("split_scores") or {}
         valid = ss.get("valid", r.get("valid"))
         if valid is None:

@@ -20,17 +20,10 @@ def best_valid(run_dir: Path) -> float:
     log = run_dir / "log.jsonl"
     if not log.exists():
         raise T2EvalError(f"{log} is missing: is {run_dir} a finished `t2eval train-svf` output?")
-    scores = []
-    for i, line in enumerate(log.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise T2EvalError(f"{log}:{i}: not JSON") from None
-        v = (row.get("split_scores") or {}).get("valid")
-        if v is not None:
-            scores.append(float(v))
+    from ..data.datasets import read_jsonl_rows
+
+    scores = [float(v) for _, row in read_jsonl_rows(log)
+              if (v := (row.get("split_scores") or {}).get("valid")) is not None]
     if not scores:
         raise T2EvalError(f"{log} has no validation score (split_scores.valid): train with valid in --eval-splits")
     return max(scores)
