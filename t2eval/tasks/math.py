@@ -20,6 +20,7 @@ import signal
 import threading
 
 from .base import Task, check_option
+from .registry import register_task
 
 SYSTEM = ("Solve the question below by reasoning step by step,and put the final answer within "
           "\\boxed{}.")
@@ -244,9 +245,8 @@ def is_equiv(gold: str | None, pred: str | None) -> bool:
         return math_equal(gold, pred) or gold == pred
 
 
+@register_task("math")
 class MATH(Task):
-    key = "math"
-    metric = "acc"
     system = SYSTEM
     max_new_tokens = 1024
 
