@@ -14,7 +14,7 @@ and importing all five costs about 20 ms.
 from __future__ import annotations
 
 import importlib
-import pkgutil
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..constants import TASK_KEYS, check_task
@@ -58,11 +58,10 @@ def _import_task_modules() -> None:
     global _imported
     if _imported:
         return
-    from . import __path__ as package_path
-
-    for m in pkgutil.iter_modules(package_path):
-        if not m.name.startswith("_") and m.name not in _NOT_TASK_MODULES and not m.ispkg:
-            importlib.import_module(f"{__package__}.{m.name}")
+    # a directory listing, not pkgutil.iter_modules (which imports `inspect`: ~15 ms more)
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if not path.stem.startswith("_") and path.stem not in _NOT_TASK_MODULES:
+            importlib.import_module(f"{__package__}.{path.stem}")
     _imported = True
 
 
