@@ -3,6 +3,8 @@
     from t2eval.tasks import get_task
     task = get_task("gsm8k")                      # code-release defaults
     task = get_task("gsm8k", extractor="signed")  # corrected variant
+
+A task module registers its class with `@register_task("key")` (see registry.py).
 """
 
 from __future__ import annotations
