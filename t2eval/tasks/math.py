@@ -14,6 +14,7 @@ equivalence="math_verify" uses the math-verify package on the whole completion i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math as _m
 import re
 import signal
@@ -186,9 +187,23 @@ def _parse(s: str):
     return s
 
 
+@functools.cache
+def _warm_up_parsers() -> None:
+    """Import sympy's parsers and run the LaTeX one once (it loads its ANTLR grammar on first use):
+    seconds on a busy machine, which must not count against the time limit of a comparison."""
+    from sympy.parsing.latex import parse_latex
+    from sympy.parsing.sympy_parser import parse_expr  # noqa: F401
+
+    try:
+        parse_latex("1")
+    except Exception:
+        pass
+
+
 def symbolic_equal(a: str, b: str, timeout: float = 5.0) -> bool:
     from sympy import N, simplify
 
+    _warm_up_parsers()
     try:
         with _time_limit(timeout):
             pa, pb = _parse(a), _parse(b)
