@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from t2eval.constants import CLS_TASKS, CODE_TASKS, METRIC_OF_TASK, TRAIN_TASKS, UNSEEN_TASKS, task_key_of
 from t2eval.tasks import get_task, lm_eval_task_dir, lm_eval_task_name
 from t2eval.tasks.code import CODE_CHAT_TEMPLATE
 
@@ -67,12 +68,47 @@ def _check(lm, out, names):
 def test_yaml_names_match_helper():
     names = {p.stem for p in lm_eval_task_dir().glob("t2_*.yaml")}
     expected = set()
-    for key in ("gsm8k", "arc_easy", "mbpp", "cls"):
+    for key in TRAIN_TASKS + CLS_TASKS[:1]:  # gsm8k, mbpp, arc_easy, cls
         expected |= {lm_eval_task_name(key, s) for s in ("test", "train", "valid")}
-    for key in ("math", "humaneval", "arc_challenge"):
+    for key in UNSEEN_TASKS:  # math, humaneval, arc_challenge
         expected |= {lm_eval_task_name(key), lm_eval_task_name(key, fewshot_excluded=True)}
     expected |= {n + "_llama3" for n in expected if n.startswith("t2_arc_")}
     assert names == expected
+
+
+def _check_task_config(name, cfg):
+    """One t2_* task's lm-eval config against the task object and the protocol constants."""
+    key = task_key_of(name)
+    t = get_task(key)
+    assert cfg["generation_kwargs"] == {"until": t.gen_kwargs["stop"], "max_gen_toks": t.gen_kwargs["max_new_tokens"],
+                                        "do_sample": False, "temperature": 0.0}, name
+    assert [m["metric"] for m in cfg["metric_list"]] == [METRIC_OF_TASK[key]] == [t.metric], name
+    assert bool(cfg.get("unsafe_code")) == (key in CODE_TASKS), name
+    kw = cfg["dataset_kwargs"]
+    assert kw["task"] == key, name
+    fewshot = kw["split"] == "fewshot_test"
+    assert lm_eval_task_name(key, "test" if fewshot else kw["split"], fewshot, kw.get("family")) == name
+
+
+def test_yaml_settings_equal_the_task_objects(env):
+    """Every t2_* task as lm-eval's TaskManager sees it (includes resolved): the generation kwargs are
+    the task object's own (greedy), the metric is constants.METRIC_OF_TASK, and its dataset_kwargs name
+    the task and split that lm_eval_task_name maps to this name. One task of each YAML shape is also
+    built (data loaded) to check that lm-eval runs it with those settings."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(lm_eval_task_dir()), include_defaults=False)
+    names = sorted(n for n in tm.all_subtasks if n.startswith("t2_"))
+    assert names == sorted(p.stem for p in lm_eval_task_dir().glob("t2_*.yaml"))  # templates are no tasks
+    for name in names:
+        _check_task_config(name, tm.task_index[name].cfg)
+    # the code template, the 1024-token override, a split and a family variant (small splits: fast)
+    built = tm.load(["t2_mbpp_valid", "t2_cls", "t2_humaneval_fewshot_test", "t2_arc_challenge_fewshot_test_llama3"])
+    for name, task in built["tasks"].items():
+        cfg = task.config
+        _check_task_config(name, {k: getattr(cfg, k) for k in ("generation_kwargs", "metric_list", "unsafe_code",
+                                                                "dataset_kwargs")})
+        assert len(task.eval_docs) > 0 and set(task.eval_docs["t2_task"]) == {task_key_of(name)}
 
 
 def test_fewshot_test_excludes_heldout(env):

@@ -207,6 +207,79 @@ def test_registry_errors():
         lm_eval_task_name("gsm8k", fewshot_excluded=True)
 
 
+def test_registry_holds_exactly_the_protocol_tasks():
+    from t2eval import constants
+    from t2eval.tasks import known_tasks, registry
+
+    assert known_tasks() == constants.TASK_KEYS
+    with pytest.raises(T2EvalError, match="unknown task 'mmlu'; known: " + ", ".join(constants.TASK_KEYS)):
+        get_task("mmlu")
+    for key in constants.TASK_KEYS:
+        t = get_task(key)
+        assert t.key == key and registry.task_class(key) is type(t)
+        assert t.metric == constants.METRIC_OF_TASK[key]
+    assert get_task("gsm8k") is not get_task("gsm8k")  # a fresh object each time
+    assert set(cls.CATEGORIES) == set(constants.CATEGORIES)  # in the prompt's order: test_parse_category
+    # lm-eval family variants exist only where a YAML defines them (the Llama-3 ARC pre-fill)
+    assert lm_eval_task_name("arc_easy", "train", family="llama3") == "t2_arc_easy_train_llama3"
+    assert lm_eval_task_name("gsm8k", family="llama3") == "t2_gsm8k"
+    assert lm_eval_task_name("arc_easy", family="mistral") == "t2_arc_easy"
+
+
+def test_register_task_decorator(monkeypatch):
+    """A new task is one decorated class: get_task builds it; mistakes are clear errors."""
+    from t2eval import constants
+    from t2eval.tasks import base, known_tasks, register_task, registry
+
+    known_tasks()  # import the real task modules first
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setitem(constants.METRIC_OF_TASK, "toy", "acc")
+
+    @register_task("toy")
+    class Toy(base.Task):
+        def __init__(self, shout: bool = False) -> None:
+            self.shout = shout
+            self.options = {"shout": shout}
+
+        def user_message(self, doc):
+            return doc["q"].upper() if self.shout else doc["q"]
+
+        def score_one(self, doc, completion):
+            return completion == doc["a"]
+
+    t = get_task("toy", shout=True)
+    assert isinstance(t, Toy) and t.key == "toy" and t.metric == "acc"
+    assert t.messages({"q": "hi"})[0] == [{"role": "user", "content": "HI"}]
+    assert t.score_batch([{"a": "1"}, {"a": "2"}], ["1", "1"]) == [True, False]
+    assert known_tasks() == constants.TASK_KEYS + ("toy",)
+
+    @register_task("left", "right")  # several keys: built as cls(key, **options)
+    class Pair(base.Task):
+        def __init__(self, key: str) -> None:
+            self.key, self.options = key, {}
+
+    assert get_task("right").key == "right" and get_task("left").key == "left"
+    with pytest.raises(T2EvalError, match="no metric"):
+        get_task("left").metric
+    with pytest.raises(T2EvalError, match="registered twice"):
+        register_task("gsm8k")(type("OtherGSM8K", (base.Task,), {}))
+    with pytest.raises(T2EvalError, match="registered as 'toy2'"):
+        register_task("toy2")(type("Named", (base.Task,), {"key": "named"}))
+    with pytest.raises(T2EvalError, match="task keys"):
+        register_task()
+
+
+def test_task_modules_load_lazily():
+    """`import t2eval.tasks` imports no task module (they load on the first get_task)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, t2eval.tasks as T; mods = ('gsm8k', 'arc', 'math', 'code', 'cls'); "
+            "assert not [m for m in mods if 't2eval.tasks.' + m in sys.modules]; T.get_task('gsm8k'); "
+            "assert all('t2eval.tasks.' + m in sys.modules for m in mods)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_docs_prompts_and_references_on_real_data(data_dir, tokenizer):
     sizes = {}
     for key in ("gsm8k", "arc_easy", "arc_challenge", "math", "mbpp", "humaneval", "cls"):

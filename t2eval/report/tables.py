@@ -29,16 +29,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ..constants import TASK_LABELS, TRAIN_TASKS, UNSEEN_TASKS
 from ..errors import T2EvalError
-from ..results import TRAINING_TASKS, UNSEEN_TASKS, collect, index
+from ..results import collect, index
 from .cli import add_common_arguments, select_models, write_text_atomic
 
 log = logging.getLogger(__name__)
 Z95 = 1.959963984540054
 MISSING = "—"
-
-TASK_LABELS = {"gsm8k": "GSM8K", "mbpp": "MBPP-Pro", "arc_easy": "ARC-Easy", "math": "MATH",
-               "humaneval": "HumanEval", "arc_challenge": "ARC-Challenge"}
 MODEL_LABELS = {"llama3-8b": "Llama3-8B-Instruct", "mistral-7b": "Mistral-7B-Instruct-v0.3",
                 "llama3-70b": "Llama3-70B-Instruct", "smollm2-135m": "SmolLM2-135M-Instruct"}
 
@@ -101,12 +99,12 @@ def _lora6(idx, model, task):
 
 # (row label, published method key, resolver)
 TABLES: dict[str, dict[str, Any]] = {
-    "1": {"title": "Table 1 — fine-tuning on the training tasks", "published": "T1", "tasks": TRAINING_TASKS,
+    "1": {"title": "Table 1 — fine-tuning on the training tasks", "published": "T1", "tasks": TRAIN_TASKS,
           "rows": [("Base", "base", first_of("base")), ("LoRA", "lora", first_of("lora", "lora-{task}")),
                    ("SVF", "svf", first_of("svf"))]},
     "2": {"title": "Table 2 — self-adaptation on unseen tasks", "published": "T2", "tasks": UNSEEN_TASKS,
           "rows": [("Base", "base", first_of("base")),
-                   ("LoRA (best of task-LoRAs)", "lora", best_of("lora-gsm8k", "lora-mbpp", "lora-arc_easy")),
+                   ("LoRA (best of task-LoRAs)", "lora", best_of(*(f"lora-{t}" for t in TRAIN_TASKS))),
                    ("T2-Prompt", "t2-prompt", first_of("t2-prompt")),
                    ("T2-Cls-expert", "t2-cls", first_of("t2-cls")),
                    ("T2-Few-shot", "t2-fewshot", first_of("t2-fewshot"))]},
@@ -129,7 +127,7 @@ TABLES: dict[str, dict[str, Any]] = {
                    ("+ few-shot adaptation (cross-model)", "xfer-fewshot", first_of("xfer-fewshot"))],
           "only_models_with": ("xfer-svf", "xfer-svf-shuffled", "xfer-fewshot")},
     "9": {"title": "Table 9 — cross-model transfer on the training tasks", "published": "T9",
-          "tasks": TRAINING_TASKS,
+          "tasks": TRAIN_TASKS,
           "rows": [("Base", "base", first_of("base")),
                    ("+ transferred SVF (σ ordered)", "xfer-svf", first_of("xfer-svf")),
                    ("+ transferred SVF (σ shuffled)", "xfer-svf-shuffled", first_of("xfer-svf-shuffled"))],
@@ -167,7 +165,7 @@ def score_entries(table: str, cells: Iterable[Mapping[str, Any]], models: Sequen
                 pubv = _published(pub, spec["published"], model, pmethod, task)
                 pub_base = _published(pub, spec["published"], model, "base", task)
                 if pub_base is None and pub is not None:  # e.g. Table 9 has no base row: use Table 1's
-                    pub_base = _published(pub, "T1" if task in TRAINING_TASKS else "T2", model, "base", task)
+                    pub_base = _published(pub, "T1" if task in TRAIN_TASKS else "T2", model, "base", task)
                 e["published_pct"] = pubv
                 if pubv is not None and pub_base:
                     e["published_norm"] = pubv / pub_base
@@ -398,7 +396,7 @@ def write_tables(cells: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
     models = select_models(cells, models)
     written: list[Path] = []
     names = ["1", "2", "3", "4", "5"]
-    if any(c["method"] in ("xfer-svf", "xfer-svf-shuffled") and c["task"] in TRAINING_TASKS for c in cells):
+    if any(c["method"] in ("xfer-svf", "xfer-svf-shuffled") and c["task"] in TRAIN_TASKS for c in cells):
         names.append("9")
     for name in names:
         stem = out / f"table{name}"

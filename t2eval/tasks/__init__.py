@@ -3,17 +3,20 @@
     from t2eval.tasks import get_task
     task = get_task("gsm8k")                      # code-release defaults
     task = get_task("gsm8k", extractor="signed")  # corrected variant
+
+A task module registers its class with `@register_task("key")` (see registry.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .registry import TASK_KEYS, get_task
+from ..constants import TASK_KEYS, UNSEEN_TASKS, check_task
+from ..errors import T2EvalError
+from .registry import get_task, known_tasks, register_task
 
-__all__ = ["TASK_KEYS", "get_task", "lm_eval_task_dir", "lm_eval_task_name"]
-
-UNSEEN_TASKS = ("math", "humaneval", "arc_challenge")
+__all__ = ["TASK_KEYS", "UNSEEN_TASKS", "get_task", "known_tasks", "lm_eval_task_dir", "lm_eval_task_name",
+           "register_task"]
 
 
 def lm_eval_task_dir() -> Path:
@@ -26,13 +29,10 @@ def lm_eval_task_name(task: str, split: str = "test", fewshot_excluded: bool = F
     """Name of the lm-eval task for a t2eval task/split (see tasks/lm_eval/README.md).
 
     t2_<task> = the test split; t2_<task>_<split> for train/valid; t2_<task>_fewshot_test = the test
-    split without the 10 prompts held out for few-shot CEM (unseen tasks only); a "_llama3" suffix
-    selects the Llama-3 ARC pre-fill.
+    split without the 10 prompts held out for few-shot CEM (unseen tasks only); a "_<family>" suffix
+    where a YAML of that name exists (the Llama-3 ARC pre-fill: t2_arc_*_llama3).
     """
-    from ..errors import T2EvalError
-
-    if task not in TASK_KEYS:
-        raise T2EvalError(f"unknown task {task!r}; known tasks: {', '.join(TASK_KEYS)}")
+    check_task(task, TASK_KEYS)
     if fewshot_excluded:
         if task not in UNSEEN_TASKS:
             raise T2EvalError(f"few-shot exclusion applies to the unseen tasks {UNSEEN_TASKS}, not {task!r}")
@@ -45,6 +45,6 @@ def lm_eval_task_name(task: str, split: str = "test", fewshot_excluded: bool = F
         name = f"t2_{task}_{split}"
     else:
         raise T2EvalError(f"split {split!r}: use train, valid or test")
-    if family == "llama3" and task.startswith("arc_"):
-        name += "_llama3"
+    if family and (lm_eval_task_dir() / f"{name}_{family}.yaml").is_file():
+        name += f"_{family}"
     return name

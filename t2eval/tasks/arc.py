@@ -15,6 +15,7 @@ import random
 import re
 
 from .base import Task, check_option
+from .registry import register_task
 
 SYSTEM = ("The following are multiple choice questions (with answers). Think step by step and then "
           "finish your answer with \"the answer is (X)\" where X is the correct letter choice.")
@@ -58,6 +59,7 @@ def random_letter(n_options: int) -> str:
     return "ABCDE"[random.Random(42).randint(0, n_options - 1)]
 
 
+@register_task("arc_easy", "arc_challenge")
 class ARC(Task):
     metric = "acc"
     system = SYSTEM

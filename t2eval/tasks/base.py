@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from ..constants import METRIC_OF_TASK
 from ..errors import T2EvalError
 
 # PROTOCOL §5: stop strings of the code release (vLLM SamplingParams.stop)
@@ -16,10 +17,10 @@ STOP = ["Instruction:", "Instruction", "Response:", "Response"]
 
 
 class Task:
-    """Base class; subclasses set `key`, `metric`, `system` and implement `user_message`/`score_one`."""
+    """Base class; subclasses set `system`, implement `user_message`/`score_one` and are registered with
+    `@register_task("key")` (which sets `key`); the metric is `constants.METRIC_OF_TASK[key]`."""
 
     key: str = ""
-    metric: str = "acc"  # "acc" | "pass@1"
     system: str = ""
     max_new_tokens: int = 512
     extra_stop: tuple[str, ...] = ()
@@ -40,6 +41,14 @@ class Task:
         except ImportError as e:  # pragma: no cover - only before the data layer exists
             raise T2EvalError(f"the data layer (t2eval.data.splits) is not available: {e}") from None
         return list(task_split(self.data_task or self.key, split, data_dir))
+
+    @property
+    def metric(self) -> str:
+        """The protocol's metric of this task, "acc" or "pass@1" (`constants.METRIC_OF_TASK`)."""
+        try:
+            return METRIC_OF_TASK[self.key]
+        except KeyError:
+            raise T2EvalError(f"task {self.key!r} has no metric: add it to t2eval.constants.METRIC_OF_TASK") from None
 
     # --------------------------------------------------------------- prompts
     @property

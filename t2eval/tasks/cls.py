@@ -5,7 +5,7 @@ release's `tasks/cls.py` (a fork of SakanaAI/self-adaptive-llms), including its 
 its four-space indentation and the trailing space after the "Reasoning" line. The release reads
 the category with `re.search(r"\\boxed{([^}]*)}")` (the FIRST \\boxed{}) and scores an exact,
 case-sensitive match with the label; `parse_category` does the same by default (strict) and maps
-anything else to "other" (the dispatcher then uses the base model). strict=False also accepts
+anything else to "other" (`constants.OTHER`; the dispatcher then uses the base model). strict=False also accepts
 case/whitespace variants.
 """
 
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 
+from .. import constants
+from ..constants import CATEGORY_OF_TASK, OTHER
 from .base import Task, check_option
+from .registry import get_task, register_task
 
-CATEGORIES = ("code", "math", "reasoning", "other")
-# task key -> the category (expert) that should answer it
-TASK_CATEGORY = {"gsm8k": "math", "math": "math", "mbpp": "code", "humaneval": "code",
-                 "arc_easy": "reasoning", "arc_challenge": "reasoning"}
+__all__ = ["CATEGORIES", "CATEGORY_OF_TASK", "Cls", "SYSTEM", "dispatch_messages", "dispatch_prompt",
+           "parse_category", "question_text"]
 
 SYSTEM = """
     # Analyze the given question and classify it into one of four categories: 'code', 'math', 'reasoning' or 'other'. Follow these guidelines:
@@ -37,6 +38,10 @@ SYSTEM = """
     Classification: \\boxed{category}
     """
 
+# the dispatcher's labels (`constants.CATEGORIES`) in the order the prompt lists them: 'code', 'math',
+# 'reasoning' or 'other' -- the order label scores are reported in and ties are broken by (first wins)
+CATEGORIES: tuple[str, ...] = tuple(sorted(constants.CATEGORIES, key=lambda c: SYSTEM.index(f"'{c}'")))
+
 _BOXED = re.compile(r"\\boxed{([^}]*)}")
 
 
@@ -44,15 +49,13 @@ def parse_category(text: str, strict: bool = True) -> str:
     """The first \\boxed{...} content if it is a category, else "other"."""
     m = _BOXED.search(text)
     if not m:
-        return "other"
+        return OTHER
     c = m.group(1) if strict else m.group(1).strip().lower()
-    return c if c in CATEGORIES else "other"
+    return c if c in CATEGORIES else OTHER
 
 
 def question_text(task_key: str, doc: dict) -> str:
     """The user-visible question of a doc of any task (what the dispatcher classifies)."""
-    from .registry import get_task
-
     if task_key == "cls":
         return doc["question"]
     return get_task(task_key).user_message(doc)
@@ -68,9 +71,8 @@ def dispatch_prompt(tokenizer, question: str) -> str:
                                          add_generation_prompt=True)
 
 
+@register_task("cls")
 class Cls(Task):
-    key = "cls"
-    metric = "acc"
     system = SYSTEM
     max_new_tokens = 1024
 

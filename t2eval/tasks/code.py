@@ -21,6 +21,7 @@ MBPP+ "assertion" / HumanEval `test` + `check(entry_point)`.
 from __future__ import annotations
 
 from .base import Task, check_option
+from .registry import register_task
 
 SYSTEM = ("You are an exceptionally intelligent coding assistant that  consistently delivers "
           "accurate and reliable responses to user instructions.")
@@ -119,6 +120,7 @@ class _CodeTask(Task):
         return self.score_batch([doc], [completion])[0]
 
 
+@register_task("mbpp")
 class MBPP(_CodeTask):
     key = "mbpp"
     dataset = "mbpp"
@@ -155,6 +157,7 @@ class MBPP(_CodeTask):
         return doc["assertion"]
 
 
+@register_task("humaneval")
 class HumanEval(_CodeTask):
     key = "humaneval"
     dataset = "humaneval"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from .base import Task, check_option
+from .registry import register_task
 
 SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately "
           "completes the request.\n\n")
@@ -41,9 +42,8 @@ def gold_answer(answer: str, extractor: str = "code") -> float | None:
     return extract_number_signed(answer.split("####")[-1])
 
 
+@register_task("gsm8k")
 class GSM8K(Task):
-    key = "gsm8k"
-    metric = "acc"
     system = SYSTEM
 
     def __init__(self, extractor: str = "code") -> None:

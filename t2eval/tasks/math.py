@@ -14,12 +14,14 @@ equivalence="math_verify" uses the math-verify package on the whole completion i
 from __future__ import annotations
 
 import contextlib
+import functools
 import math as _m
 import re
 import signal
 import threading
 
 from .base import Task, check_option
+from .registry import register_task
 
 SYSTEM = ("Solve the question below by reasoning step by step,and put the final answer within "
           "\\boxed{}.")
@@ -185,9 +187,23 @@ def _parse(s: str):
     return s
 
 
+@functools.cache
+def _warm_up_parsers() -> None:
+    """Import sympy's parsers and run the LaTeX one once (it loads its ANTLR grammar on first use):
+    seconds on a busy machine, which must not count against the time limit of a comparison."""
+    from sympy.parsing.latex import parse_latex
+    from sympy.parsing.sympy_parser import parse_expr  # noqa: F401
+
+    try:
+        parse_latex("1")
+    except Exception:
+        pass
+
+
 def symbolic_equal(a: str, b: str, timeout: float = 5.0) -> bool:
     from sympy import N, simplify
 
+    _warm_up_parsers()
     try:
         with _time_limit(timeout):
             pa, pb = _parse(a), _parse(b)
@@ -244,9 +260,8 @@ def is_equiv(gold: str | None, pred: str | None) -> bool:
         return math_equal(gold, pred) or gold == pred
 
 
+@register_task("math")
 class MATH(Task):
-    key = "math"
-    metric = "acc"
     system = SYSTEM
     max_new_tokens = 1024
 

@@ -11,12 +11,16 @@ import json
 import os
 
 
-def load(task="gsm8k", split="test", family=None, options=None, **_ignored):
-    """custom_dataset hook: {"test": Dataset} of the protocol rows of `task`/`split`."""
+def load(task=None, split="test", family=None, options=None, **_ignored):
+    """custom_dataset hook: {"test": Dataset} of the protocol rows of `task`/`split` (the YAML's
+    dataset_kwargs; lm-eval also passes the task's metadata, ignored here)."""
     import datasets
 
+    from t2eval.errors import T2EvalError
     from t2eval.tasks import get_task
 
+    if task is None:
+        raise T2EvalError("a t2_* task YAML must set dataset_kwargs.task (a t2eval task key)")
     t = get_task(task, **(options or {}))
     data_dir = os.environ.get("T2EVAL_DATA_DIR", "data")
     rows = []
@@ -47,4 +51,4 @@ def doc_to_target(row):
 def process_results(row, results):
     task = _task(row)
     ok = task.score_batch([json.loads(row["t2_doc"])], [results[0]])[0]
-    return {"pass@1" if task.metric == "pass@1" else "acc": float(ok)}
+    return {task.metric: float(ok)}
