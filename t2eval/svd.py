@@ -655,11 +655,11 @@ class _LazyFactors(Mapping):
 class SVDCache:
     """A validated cache: `names` (canonical order), `U`, `S`, `V` mappings and the `manifest`.
 
-    Loaded by :func:`load_svd`, `U` and `V` are *streamed*: each access reads that one factor
-    from the file (to the cache's device/dtype) and nothing is kept, so host memory stays
-    O(one matrix) whatever the model size; `S` (r values per matrix) is kept in memory.
-    A resident cache (``load_svd(..., resident=True)``, the default on a GPU) holds every factor
-    on its device, read one at a time. Callers use ``usv(name)``, ``S[name]``, ``rank(name)``.
+    A *streamed* cache (``load_svd(..., resident=False)``, the default on the CPU for caches over
+    1 GiB) reads each `U`/`V` factor from the file on access (to the cache's device/dtype) and
+    keeps nothing, so host memory stays O(one matrix) whatever the model size; `S` (r values per
+    matrix) is always kept. A resident cache (the default on a GPU and for small caches) holds
+    every factor on its device, read one at a time. Callers use ``usv(name)``, ``S[name]``, ``rank(name)``.
     """
 
     def __init__(self, path: Path | None, manifest: dict, U: Mapping, S: Mapping, V: Mapping):
@@ -741,8 +741,11 @@ def load_svd(path: str | os.PathLike, expect_model: str | os.PathLike | None = N
     """Open and validate a cache; factors are read on demand (see :class:`SVDCache`).
 
     `device`/`dtype`: where and as what the factors are returned (default fp32 on the CPU).
-    `resident`: keep every factor in memory on `device` (default: on a non-CPU device only);
-    host memory stays O(one matrix) either way.
+    `resident`: keep every factor in memory on `device` (read one matrix at a time, so host memory
+    still peaks at one matrix when `device` is a GPU) instead of reading it from the file on every
+    access. Default (None): resident on a non-CPU device, and on the CPU when the cache file is at
+    most :func:`resident_max_bytes` (1 GiB; SmolLM2-135M's MLP cache is 0.4 GB), where re-reading
+    every factor on each composition would cost time for no memory worth saving; streamed otherwise.
 
     Raises CorruptArtifactError (unreadable/truncated file, bad header or manifest, missing or
     mis-shaped keys, a factor whose sha256 differs from the manifest's checksum; every factor is
@@ -799,9 +802,20 @@ def load_svd(path: str | os.PathLike, expect_model: str | os.PathLike | None = N
         check_svd_for_model(cache, expect_model, full=verify_weights)
     if device != "cpu" or dtype is not None:
         cache = cache.to(device, dtype)
-    if resident if resident is not None else str(device) != "cpu":
+    if resident is None:
+        resident = str(device) != "cpu" or p.stat().st_size <= resident_max_bytes()
+    if resident:
         cache = cache.resident()
     return cache
+
+
+def resident_max_bytes() -> int:
+    """Largest cache kept in host memory by default (env ``T2EVAL_SVD_RESIDENT_MAX_MB``, default 1024)."""
+    v = os.environ.get("T2EVAL_SVD_RESIDENT_MAX_MB", "1024")
+    try:
+        return int(float(v) * 2**20)
+    except ValueError:
+        raise T2EvalError(f"T2EVAL_SVD_RESIDENT_MAX_MB={v!r} is not a number of megabytes") from None
 
 
 def check_svd_for_model(svd_cache: "SVDCache | str | os.PathLike", model_dir: str | os.PathLike,

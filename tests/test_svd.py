@@ -171,8 +171,11 @@ def test_decompose_smollm2_mlp(smollm2_dir, tmp_path):
 
 # --------------------------------------------------------------------------- streaming, integrity, resume
 
-def test_load_streams_factors_on_access(tiny, cache_file, tmp_path):
-    c = S.load_svd(cache_file)
+def test_load_streams_factors_on_access(tiny, cache_file, tmp_path, monkeypatch):
+    assert not S.load_svd(cache_file).streamed  # a small cache stays resident by default
+    monkeypatch.setenv("T2EVAL_SVD_RESIDENT_MAX_MB", "0")
+    assert S.load_svd(cache_file).streamed
+    c = S.load_svd(cache_file, resident=False)
     assert c.streamed and isinstance(c.U, Mapping) and list(c.U) == c.names and len(c.V) == len(c)
     with safe_open(cache_file, "pt") as h:
         ref = {k: h.get_tensor(k) for k in h.keys()}
@@ -191,7 +194,7 @@ def test_load_streams_factors_on_access(tiny, cache_file, tmp_path):
     # a cache rebuilt under the same name while one is open: the open one keeps reading its own file
     out = tmp_path / "c.safetensors"
     shutil.copy(cache_file, out)
-    open_c = S.load_svd(out)
+    open_c = S.load_svd(out, resident=False)
     S.decompose(tiny_model_dir(1), "mlp", out)
     assert torch.equal(open_c.U[n], ref[n + ".U"])
 
