@@ -12,14 +12,19 @@ Weights are read matrix by matrix straight from the model's safetensors files (n
 the cache is written *streaming*: the safetensors header is reserved first, then every U/S/V is
 appended as soon as it is computed, and the header (tensor table + manifest) is filled in at the
 end, so peak memory is one weight matrix and its factors, whatever the model size. The file is
-written under a temporary name and renamed, so an interrupted run leaves no half cache.
+written as ``.<out>.partial`` with a progress manifest (``.<out>.partial.json``) updated after every
+fsynced matrix, and renamed to `out` when complete: an interrupted run leaves no half cache and a
+rerun resumes after the last finished matrix (bit-identical factors on the same device/threads).
 
 The manifest (safetensors metadata key ``manifest``, mirrored to ``<out>.manifest.json`` for
 reading) records the model identity (directory, registry key, sha256 of the normalised
-config.json, sha256 of every targeted tensor's stored bytes), targets, layers, dtypes, per-matrix
-relative reconstruction error ‖U diag(S) Vᵀ − W‖_F / ‖W‖_F, timings and the provenance record.
-:func:`load_svd` validates all of it; :func:`ensure_svd` reuses a valid cache and rebuilds a
-stale or corrupted one with a warning.
+config.json, per targeted tensor the sha256 of its stored bytes and a sampled fingerprint),
+targets, layers, dtypes, per matrix the relative reconstruction error ‖U diag(S) Vᵀ − W‖_F / ‖W‖_F
+and the sha256 of its stored U, S and V, timings and the provenance record. :func:`load_svd`
+validates all of it (the factor checksums by streaming hashes) and returns a cache whose factors
+are read from the file on access, so host memory stays O(one matrix);
+:func:`check_svd_for_model` tells whether a cache belongs to a model; :func:`ensure_svd` reuses a
+valid cache and rebuilds a stale or corrupted one with a warning.
 
 Layer selections (``layers=``): ``"all"``; ``"half"`` = the *upper* half of the decoder layers,
 indices ``L//2 … L-1`` (PROTOCOL §1: Llama3-70B trains SVF on half of the layers; neither the paper
@@ -49,7 +54,7 @@ from .errors import CorruptArtifactError, MissingModelError, T2EvalError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "t2eval-svd/1"
+FORMAT = "t2eval-svd/2"  # /2: per-factor sha256 checksums and sampled weight fingerprints
 TARGET_SETS: dict[str, tuple[str, ...]] = {
     "mlp": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     "attn": ("self_attn.q_proj", "self_attn.v_proj"),
@@ -57,7 +62,7 @@ TARGET_SETS: dict[str, tuple[str, ...]] = {
 TARGET_SETS["mlp+attn"] = TARGET_SETS["mlp"] + TARGET_SETS["attn"]
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _ST_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+              "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8}
 
 
 class StaleCacheError(T2EvalError):
@@ -206,6 +211,71 @@ def _model_key(model_dir: Path) -> str:
     return model_dir.name
 
 
+# --------------------------------------------------------------------------- raw safetensors access
+
+_CHUNK = 8 << 20  # bytes per read when hashing (memory stays O(chunk), not O(tensor))
+_ST_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _st_table(path: Path) -> tuple[int, dict[str, dict], dict]:
+    """(byte offset of the data section, {tensor: {dtype, shape, data_offsets}}, metadata) of a
+    safetensors file, with the offsets checked against the header and the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("file shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 1 << 30):
+            raise ValueError(f"header length {n} exceeds the file size {size}")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    ends = []
+    for k, e in header.items():
+        a, b = e["data_offsets"]
+        want = _ST_DTYPES.get(e["dtype"], 0) * math.prod(e["shape"])
+        if e["dtype"] in _ST_DTYPES and b - a != want:  # (sub-byte dtypes: offsets checked below only)
+            raise ValueError(f"tensor {k}: {b - a} bytes for shape {e['shape']} {e['dtype']} ({want} expected)")
+        ends.append((a, b))
+    pos = 0
+    for a, b in sorted(ends):
+        if a != pos:
+            raise ValueError(f"tensor data not contiguous at byte {a}")
+        pos = b
+    if 8 + n + pos != size:
+        raise ValueError(f"file is {size} bytes, the header describes {8 + n + pos} (truncated or padded)")
+    return 8 + n, header, meta
+
+
+def _range_sha256(fd: int, start: int, end: int) -> str:
+    h = hashlib.sha256()
+    pos = start
+    while pos < end:
+        b = os.pread(fd, min(_CHUNK, end - pos), pos)
+        if not b:
+            raise ValueError(f"unexpected end of file at byte {pos}")
+        h.update(b)
+        pos += len(b)
+    return h.hexdigest()
+
+
+def _read_tensor(fd: int, offset: int, shape: Sequence[int], dtype: str = "F32"):
+    """One tensor read with positional reads into a fresh tensor (no mmap kept: resident host
+    memory is this tensor only)."""
+    import torch
+
+    t = torch.empty(list(shape), dtype=getattr(torch, _ST_TORCH[dtype]))
+    buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    done = 0
+    while done < len(buf):
+        k = os.preadv(fd, [buf[done:]], offset + done)
+        if k <= 0:
+            raise ValueError(f"unexpected end of file at byte {offset + done}")
+        done += k
+    return t
+
+
 _HASH_MEMO: dict[tuple, str] = {}
 
 
@@ -217,39 +287,61 @@ def _tensor_sha256(t) -> str:
     return h.hexdigest()
 
 
-def tensor_hashes(model_dir: str | os.PathLike, names: Sequence[str]) -> dict[str, dict]:
-    """{name: {shape, dtype, sha256 of the stored bytes}} (memoised per file mtime/size in-process)."""
-    from safetensors import safe_open
-
-    index = _weight_index(Path(model_dir))
+def _by_file(model_dir: Path, names: Sequence[str]) -> dict[Path, list[str]]:
+    index = _weight_index(model_dir)
     missing = [n for n in names if n not in index]
     if missing:
-        raise T2EvalError(f"{model_dir} has no tensor(s) {missing[:3]}")
-    out = {}
-    by_file: dict[Path, list[str]] = {}
+        raise StaleCacheError(f"{model_dir} has no tensor(s) {missing[:3]}")
+    out: dict[Path, list[str]] = {}
     for n in names:
-        by_file.setdefault(index[n], []).append(n)
-    for f, ns in by_file.items():
-        st = f.stat()
-        with safe_open(f, "pt") as h:
-            for n in ns:
-                sl = h.get_slice(n)
-                key = (str(f.resolve()), st.st_mtime_ns, st.st_size, n)
-                if key not in _HASH_MEMO:
-                    _HASH_MEMO[key] = _tensor_sha256(h.get_tensor(n))
-                out[n] = {"shape": list(sl.get_shape()), "dtype": sl.get_dtype(), "sha256": _HASH_MEMO[key]}
+        out.setdefault(index[n], []).append(n)
     return out
 
 
-def model_identity(model_dir: str | os.PathLike, names: Sequence[str], hashes: bool = True) -> dict:
-    d = Path(model_dir)
-    ident: dict[str, Any] = {"dir": str(d.resolve()), "key": _model_key(d), "config_sha256": config_sha256(d)}
-    if hashes:
-        th = tensor_hashes(d, names)
-        ident["tensors"] = th
-        ident["weights_sha256"] = hashlib.sha256(
-            "".join(f"{n}:{th[n]['sha256']};" for n in ordered_names(names)).encode()).hexdigest()
-    return ident
+def tensor_hashes(model_dir: str | os.PathLike, names: Sequence[str], full: bool = True) -> dict[str, dict]:
+    """{name: {shape, dtype, sample_sha256[, sha256]}} of a model's stored tensors.
+
+    ``sha256`` hashes every stored byte (read in chunks; memoised per file mtime/size in-process);
+    ``sample_sha256`` hashes the shape, dtype and 16 evenly spaced 4 KiB windows (first and last
+    included) of the tensor's bytes: a cheap fingerprint that tells two models with the same
+    shapes apart (any two trained or random models differ in every window).
+    """
+    out = {}
+    for f, ns in _by_file(Path(model_dir), names).items():
+        st = f.stat()
+        start, table, _ = _st_table(f)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            for n in ns:
+                e = table[n]
+                a, b = start + e["data_offsets"][0], start + e["data_offsets"][1]
+                rec = {"shape": list(e["shape"]), "dtype": e["dtype"], "sample_sha256": _sample_sha256(fd, a, b, e)}
+                if full:
+                    key = (str(f.resolve()), st.st_mtime_ns, st.st_size, n)
+                    if key not in _HASH_MEMO:
+                        _HASH_MEMO[key] = _range_sha256(fd, a, b)
+                    rec["sha256"] = _HASH_MEMO[key]
+                out[n] = rec
+        finally:
+            os.close(fd)
+    return out
+
+
+def _sample_sha256(fd: int, a: int, b: int, entry: dict, windows: int = 16, width: int = 4096) -> str:
+    h = hashlib.sha256(json.dumps([entry["dtype"], list(entry["shape"])]).encode())
+    n = b - a
+    if n <= windows * width:
+        starts = [0] if n else []
+        width = n
+    else:
+        starts = [round(i * (n - width) / (windows - 1)) for i in range(windows)]
+    for s in starts:
+        h.update(os.pread(fd, width, a + s))
+    return h.hexdigest()
+
+
+def _weights_sha256(names: Sequence[str], tensors: Mapping[str, dict]) -> str:
+    return hashlib.sha256("".join(f"{n}:{tensors[n]['sha256']};" for n in ordered_names(names)).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- decompose
@@ -269,10 +361,40 @@ def _thin_svd(w, device: str = "cpu"):
     return U.cpu().contiguous(), S.cpu().contiguous(), V.cpu().contiguous(), err
 
 
+def partial_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """(partial cache, progress manifest) of an unfinished decomposition into `out`."""
+    p = Path(out)
+    return p.with_name(f".{p.name}.partial"), p.with_name(f".{p.name}.partial.json")
+
+
+class _Lock:
+    """Exclusive advisory lock (fcntl) on ``.<out>.lock``: one decomposition per cache at a time."""
+
+    def __init__(self, out: Path):
+        self.path = out.with_name(f".{out.name}.lock")
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock
+        return False
+
+
 def decompose(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp",
               out: str | os.PathLike = "svd.safetensors", layers: str | Sequence[int] | None = "all",
-              device: str = "cpu", threads: int | None = None) -> dict:
+              device: str = "cpu", threads: int | None = None, resume: bool = True) -> dict:
     """Decompose the targeted matrices of `model_dir` into `out`; returns the manifest.
+
+    Resumable per matrix: factors are appended to ``.<out>.partial`` and, once fsynced, recorded
+    with their sha256 in ``.<out>.partial.json``; a killed run restarts after the last recorded
+    matrix when the plan (model config, weight files' size/mtime, targets, layers, device) is
+    unchanged and the recorded factors still hash the same (`resume=False` starts from zero).
+    The finished file is renamed to `out` atomically, so `out` is never half written.
 
     `threads`: torch CPU threads for the SVD (None: leave torch's setting; 1 is fastest on a
     shared/oversubscribed machine, where multi-threaded LAPACK can be 10x slower).
@@ -283,16 +405,21 @@ def decompose(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp"
         prev = torch.get_num_threads()
         torch.set_num_threads(int(threads))
         try:
-            return decompose(model_dir, targets, out, layers, device, None)
+            return decompose(model_dir, targets, out, layers, device, None, resume)
         finally:
             torch.set_num_threads(prev)
-    from safetensors import safe_open
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _Lock(out):
+        return _decompose_locked(Path(model_dir), targets, out, layers, device, resume)
+
+
+def _decompose_locked(d: Path, targets, out: Path, layers, device: str, resume: bool) -> dict:
+    import torch
 
     from .provenance import record, write_json_atomic
 
     t_start = time.perf_counter()
-    d = Path(model_dir)
-    out = Path(out)
     cfg = _read_config(d)
     index = _weight_index(d)
     key, suffixes = normalise_targets(targets)
@@ -300,15 +427,15 @@ def decompose(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp"
     n_layers = cfg.get("num_hidden_layers") or (max((layer_index(n) or 0) for n in index) + 1)
 
     # tensor table, known before any SVD: U m×r, S r, V n×r (fp32)
+    tables = {f: _st_table(f) for f in {index[n] for n in names}}
     table: dict[str, dict] = {}
     offset = 0
     shapes: dict[str, tuple[int, int]] = {}
     src_dtypes: dict[str, str] = {}
     for n in names:
-        with safe_open(index[n], "pt") as h:
-            sl = h.get_slice(n)
-            shape = tuple(sl.get_shape())
-            src_dtypes[n] = sl.get_dtype()
+        e = tables[index[n]][1][n]
+        shape = tuple(e["shape"])
+        src_dtypes[n] = e["dtype"]
         if len(shape) != 2:
             raise T2EvalError(f"target {n} has shape {list(shape)}; only 2-D weight matrices can be decomposed")
         m, k = shape
@@ -318,77 +445,154 @@ def decompose(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp"
             nbytes = 4 * math.prod(shp)
             table[n + suf] = {"dtype": "F32", "shape": shp, "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
-    reserve = len(json.dumps(table)) + 65536 + 1024 * len(names)
+    reserve = len(json.dumps(table)) + 65536 + 1536 * len(names)
     reserve = (reserve + 7) // 8 * 8
+    files = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(tables)}
+    plan = {"format": FORMAT, "model": str(d.resolve()), "config_sha256": config_sha256(d), "weight_files": files,
+            "targets": key, "names": names, "layers": manifest_layers(layers), "device": str(device),
+            "reserve": reserve, "size": 8 + reserve + offset}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    matrices: dict[str, dict] = {}
-    tensors_id: dict[str, dict] = {}
+    partial, progress = partial_paths(out)
+    done: list[dict] = []
+    elapsed_before = 0.0
+    if resume and partial.exists() and progress.exists():
+        done, elapsed_before = _resumable(partial, progress, plan, table, reserve)
+    if done:
+        f = open(partial, "r+b")
+        end = 8 + reserve + table[done[-1]["name"] + ".V"]["data_offsets"][1]
+        f.truncate(end)
+        f.seek(end)
+        log.info("resuming the decomposition into %s after %d of %d matrices", out, len(done), len(names))
+    else:
+        f = open(partial, "wb")
+        f.write(struct.pack("<Q", reserve))
+        f.write(b" " * reserve)
+        f.flush()
+        write_json_atomic(progress, {"plan": plan, "done": [], "elapsed_s": 0.0})
+    n_reused = len(done)
     try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", reserve))
-            f.write(b" " * reserve)
-            for n in names:
-                t0 = time.perf_counter()
-                with safe_open(index[n], "pt") as h:
-                    w = h.get_tensor(n)
-                tensors_id[n] = {"shape": list(shapes[n]), "dtype": src_dtypes[n], "sha256": _tensor_sha256(w)}
-                if not torch.isfinite(w).all():
-                    raise T2EvalError(f"{n} in {index[n]} contains NaN/inf: the model weights are broken")
-                U, S, V, err = _thin_svd(w, device)
-                for t in (U, S, V):
-                    f.write(memoryview(t.numpy()))
-                matrices[n] = {"shape": list(shapes[n]), "rank": int(S.numel()), "rel_err": err,
-                               "seconds": round(time.perf_counter() - t0, 4)}
-                log.debug("%s %s rel_err=%.2e %.2fs", n, list(shapes[n]), err, matrices[n]["seconds"])
-                del w, U, S, V
-            if f.tell() != 8 + reserve + offset:  # pragma: no cover - internal consistency
-                raise RuntimeError("svd cache size mismatch")
-            total = time.perf_counter() - t_start
-            ident = {"dir": str(d.resolve()), "key": _model_key(d), "config_sha256": config_sha256(d),
-                     "tensors": tensors_id,
-                     "weights_sha256": hashlib.sha256("".join(
-                         f"{n}:{tensors_id[n]['sha256']};" for n in names).encode()).hexdigest()}
-            manifest = {
-                "format": FORMAT,
-                "model": ident,
-                "targets": key, "target_suffixes": suffixes,
-                "layers": layers if isinstance(layers, (str, type(None))) else list(layers),
-                "layer_indices": sorted({i for n in names if (i := layer_index(n)) is not None}),
-                "num_layers": n_layers,
-                "names": names,
-                "svd": {"function": "torch.linalg.svd(full_matrices=False)", "dtype": "float32",
-                        "device": device, "threads": torch.get_num_threads(),
-                        "stored": "U (m×r), S (r), V (n×r) with W = U diag(S) Vᵀ"},
-                "source_dtypes": sorted(set(src_dtypes.values())),
-                "matrices": matrices,
-                "max_rel_err": max(m["rel_err"] for m in matrices.values()),
-                "n_params_svf": sum(m["rank"] for m in matrices.values()),
-                "seconds": round(total, 3),
-                "provenance": record("decompose", {"model": str(d), "targets": key, "layers": manifest_layers(layers),
-                                                   "device": device},
-                                     inputs={"config_sha256": ident["config_sha256"],
-                                             "weights_sha256": ident["weights_sha256"]},
-                                     timings={"decompose_s": total}),
-            }
-            header = dict(table)
-            header["__metadata__"] = {"format": FORMAT, "manifest": json.dumps(manifest)}
-            hb = json.dumps(header).encode()
-            if len(hb) > reserve:  # pragma: no cover - the reserve is generous
-                raise RuntimeError(f"svd header ({len(hb)} B) exceeds the reserved {reserve} B")
-            f.seek(8)
-            f.write(hb + b" " * (reserve - len(hb)))
+        for n in names[len(done):]:
+            t0 = time.perf_counter()
+            w = _read_tensor_from(index[n], tables[index[n]], n)
+            src = {"shape": list(shapes[n]), "dtype": src_dtypes[n], "sha256": _tensor_sha256(w)}
+            if not torch.isfinite(w).all():
+                raise T2EvalError(f"{n} in {index[n]} contains NaN/inf: the model weights are broken")
+            U, S, V, err = _thin_svd(w, device)
+            sha = {}
+            for part, t in (("U", U), ("S", S), ("V", V)):
+                if not torch.isfinite(t).all():
+                    raise T2EvalError(f"the SVD of {n} produced NaN/inf ({part}); try --device cpu")
+                mv = memoryview(t.numpy()).cast("B")
+                sha[part] = hashlib.sha256(mv).hexdigest()
+                f.write(mv)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+            done.append({"name": n, "shape": list(shapes[n]), "rank": int(S.numel()), "rel_err": err,
+                         "seconds": round(time.perf_counter() - t0, 4), "sha256": sha, "source": src})
+            write_json_atomic(progress, {"plan": plan, "done": done,
+                                         "elapsed_s": elapsed_before + time.perf_counter() - t_start})
+            log.debug("%s %s rel_err=%.2e %.2fs", n, list(shapes[n]), err, done[-1]["seconds"])
+            del w, U, S, V
+        if f.tell() != plan["size"]:  # pragma: no cover - internal consistency
+            raise RuntimeError("svd cache size mismatch")
+        matrices = {e["name"]: {k: v for k, v in e.items() if k not in ("name", "source")} for e in done}
+        tensors_id = {e["name"]: e["source"] for e in done}
+        for fpath, ns in _by_file(d, names).items():  # cheap fingerprints for check_svd_for_model
+            start, ftable, _ = tables[fpath]
+            fd = os.open(fpath, os.O_RDONLY)
+            try:
+                for n in ns:
+                    a, b = (start + x for x in ftable[n]["data_offsets"])
+                    tensors_id[n]["sample_sha256"] = _sample_sha256(fd, a, b, ftable[n])
+            finally:
+                os.close(fd)
+        total = elapsed_before + time.perf_counter() - t_start
+        ident = {"dir": str(d.resolve()), "key": _model_key(d), "config_sha256": plan["config_sha256"],
+                 "tensors": tensors_id, "weights_sha256": _weights_sha256(names, tensors_id)}
+        manifest = {
+            "format": FORMAT,
+            "model": ident,
+            "targets": key, "target_suffixes": suffixes,
+            "layers": manifest_layers(layers),
+            "layer_indices": sorted({i for n in names if (i := layer_index(n)) is not None}),
+            "num_layers": n_layers,
+            "names": names,
+            "svd": {"function": "torch.linalg.svd(full_matrices=False)", "dtype": "float32",
+                    "device": device, "threads": torch.get_num_threads(),
+                    "stored": "U (m×r), S (r), V (n×r) with W = U diag(S) Vᵀ",
+                    "checksums": "matrices[name].sha256[U|S|V]: sha256 of the stored fp32 bytes"},
+            "source_dtypes": sorted(set(src_dtypes.values())),
+            "matrices": matrices,
+            "max_rel_err": max(m["rel_err"] for m in matrices.values()),
+            "n_params_svf": sum(m["rank"] for m in matrices.values()),
+            "seconds": round(total, 3),
+            "resumed_matrices": n_reused,
+            "provenance": record("decompose", {"model": str(d), "targets": key, "layers": manifest_layers(layers),
+                                               "device": device},
+                                 inputs={"config_sha256": ident["config_sha256"],
+                                         "weights_sha256": ident["weights_sha256"]},
+                                 timings={"decompose_s": total}),
+        }
+        header = dict(table)
+        header["__metadata__"] = {"format": FORMAT, "manifest": json.dumps(manifest)}
+        hb = json.dumps(header).encode()
+        if len(hb) > reserve:  # pragma: no cover - the reserve is generous
+            raise RuntimeError(f"svd header ({len(hb)} B) exceeds the reserved {reserve} B")
+        f.seek(8)
+        f.write(hb + b" " * (reserve - len(hb)))
+        f.flush()
+        os.fsync(f.fileno())
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        f.close()
+    os.replace(partial, out)
     write_json_atomic(manifest_path(out), manifest)
-    log.info("decomposed %d %s matrices of %s in %.1f s (max rel err %.2e) -> %s (%.1f MB)",
-             len(names), key, d, manifest["seconds"], manifest["max_rel_err"], out, out.stat().st_size / 1e6)
+    progress.unlink(missing_ok=True)
+    log.info("decomposed %d %s matrices of %s in %.1f s (max rel err %.2e%s) -> %s (%.1f MB)",
+             len(names), key, d, manifest["seconds"], manifest["max_rel_err"],
+             f"; {n_reused} resumed" if n_reused else "", out, out.stat().st_size / 1e6)
     return manifest
+
+
+def _read_tensor_from(path: Path, parsed: tuple[int, dict, dict], name: str):
+    start, table, _ = parsed
+    e = table[name]
+    if e["dtype"] not in _ST_TORCH:
+        from safetensors import safe_open  # FP8 and other exotic dtypes: let safetensors convert
+
+        with safe_open(path, "pt") as h:
+            return h.get_tensor(name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _read_tensor(fd, start + e["data_offsets"][0], e["shape"], e["dtype"])
+    finally:
+        os.close(fd)
+
+
+def _resumable(partial: Path, progress: Path, plan: dict, table: dict, reserve: int) -> tuple[list[dict], float]:
+    """The matrices of an interrupted run that can be kept ([] when the plan changed or the
+    recorded factors no longer hash the same)."""
+    try:
+        prog = json.loads(progress.read_text())
+        if prog.get("plan") != plan:
+            log.warning("not resuming %s: the model, targets, layers or device changed since it was started", partial)
+            return [], 0.0
+        done = prog["done"]
+        if [e["name"] for e in done] != plan["names"][:len(done)]:
+            return [], 0.0
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            for e in done:
+                for part in ("U", "S", "V"):
+                    a, b = table[e["name"] + "." + part]["data_offsets"]
+                    if _range_sha256(fd, 8 + reserve + a, 8 + reserve + b) != e["sha256"][part]:
+                        log.warning("not resuming %s: the factors of %s do not match their checksum", partial, e["name"])
+                        return [], 0.0
+        finally:
+            os.close(fd)
+        return done, float(prog.get("elapsed_s", 0.0))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("not resuming %s: unreadable progress (%s)", partial, e)
+        return [], 0.0
 
 
 def manifest_layers(layers) -> Any:
@@ -402,10 +606,63 @@ def manifest_path(out: str | os.PathLike) -> Path:
 
 # --------------------------------------------------------------------------- load / validate
 
-class SVDCache:
-    """A loaded, validated cache: `names` (canonical order), `U`, `S`, `V` dicts and the `manifest`."""
+class _FactorStore:
+    """Reads factors of a cache file on demand, through a descriptor kept open (so a cache
+    rebuilt under the same name while this one is in use cannot mix two files)."""
 
-    def __init__(self, path: Path | None, manifest: dict, U: dict, S: dict, V: dict):
+    def __init__(self, path: Path, data_start: int, table: dict, device=None, dtype=None):
+        self.path, self.data_start, self.table = path, data_start, table
+        self.device, self.dtype = device, dtype
+        self._file = open(path, "rb")
+
+    def view(self, device=None, dtype=None) -> "_FactorStore":
+        v = object.__new__(_FactorStore)
+        v.path, v.data_start, v.table, v._file = self.path, self.data_start, self.table, self._file
+        v.device, v.dtype = device if device is not None else self.device, dtype if dtype is not None else self.dtype
+        return v
+
+    def shape(self, key: str) -> list[int]:
+        return self.table[key]["shape"]
+
+    def read(self, key: str):
+        e = self.table[key]
+        t = _read_tensor(self._file.fileno(), self.data_start + e["data_offsets"][0], e["shape"], e["dtype"])
+        return t if self.device is None and self.dtype is None else t.to(device=self.device, dtype=self.dtype)
+
+
+class _LazyFactors(Mapping):
+    """name -> factor tensor, read from the cache file on every access (nothing kept)."""
+
+    def __init__(self, store: _FactorStore, names: Sequence[str], part: str):
+        self._store, self._names, self._part = store, names, part
+        self._set = frozenset(names)
+
+    def __getitem__(self, name: str):
+        if name not in self._set:
+            raise KeyError(name)
+        return self._store.read(name + self._part)
+
+    def __contains__(self, name) -> bool:
+        return name in self._set
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class SVDCache:
+    """A validated cache: `names` (canonical order), `U`, `S`, `V` mappings and the `manifest`.
+
+    A *streamed* cache (``load_svd(..., resident=False)``, the default on the CPU for caches over
+    1 GiB) reads each `U`/`V` factor from the file on access (to the cache's device/dtype) and
+    keeps nothing, so host memory stays O(one matrix) whatever the model size; `S` (r values per
+    matrix) is always kept. A resident cache (the default on a GPU and for small caches) holds
+    every factor on its device, read one at a time. Callers use ``usv(name)``, ``S[name]``, ``rank(name)``.
+    """
+
+    def __init__(self, path: Path | None, manifest: dict, U: Mapping, S: Mapping, V: Mapping):
         self.path, self.manifest, self.U, self.S, self.V = path, manifest, U, S, V
         self.names: list[str] = list(manifest["names"])
 
@@ -432,9 +689,25 @@ class SVDCache:
     def targets(self) -> str:
         return self.manifest["targets"]
 
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.U, _LazyFactors)
+
     def to(self, device=None, dtype=None) -> "SVDCache":
+        S = {k: v.to(device=device, dtype=dtype) for k, v in self.S.items()}
+        if self.streamed:
+            store = self.U._store.view(device, dtype)
+            return SVDCache(self.path, self.manifest, _LazyFactors(store, self.names, ".U"), S,
+                            _LazyFactors(store, self.names, ".V"))
         conv = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
-        return SVDCache(self.path, self.manifest, conv(self.U), conv(self.S), conv(self.V))
+        return SVDCache(self.path, self.manifest, conv(self.U), S, conv(self.V))
+
+    def resident(self) -> "SVDCache":
+        """A copy holding every factor in memory (on this cache's device), read one at a time."""
+        if not self.streamed:
+            return self
+        return SVDCache(self.path, self.manifest, {n: self.U[n] for n in self.names}, dict(self.S),
+                        {n: self.V[n] for n in self.names})
 
 
 def _corrupt(path: Path, why: str) -> CorruptArtifactError:
@@ -442,15 +715,43 @@ def _corrupt(path: Path, why: str) -> CorruptArtifactError:
                                 "`t2eval decompose ... --force` to rebuild it")
 
 
+_VERIFIED: set[tuple] = set()
+
+
+def _verify_checksums(p: Path, fd: int, data_start: int, table: dict, manifest: dict) -> None:
+    st = os.fstat(fd)
+    key = (str(p.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key in _VERIFIED:
+        return
+    for n in manifest["names"]:
+        sha = manifest["matrices"][n].get("sha256") or {}
+        for part in ("U", "S", "V"):
+            if part not in sha:
+                raise _corrupt(p, f"no checksum for {n}.{part} in the manifest (made by an older t2eval)")
+            a, b = table[n + "." + part]["data_offsets"]
+            if _range_sha256(fd, data_start + a, data_start + b) != sha[part]:
+                raise _corrupt(p, f"{n}.{part} does not match its sha256 checksum")
+    _VERIFIED.add(key)
+
+
 def load_svd(path: str | os.PathLike, expect_model: str | os.PathLike | None = None,
              expect_targets: str | Sequence[str] | None = None, expect_layers: Any = None,
-             device: str = "cpu", verify_weights: bool = True) -> SVDCache:
-    """Load and validate a cache.
+             device: str = "cpu", verify_weights: bool = True, dtype=None,
+             resident: bool | None = None) -> SVDCache:
+    """Open and validate a cache; factors are read on demand (see :class:`SVDCache`).
+
+    `device`/`dtype`: where and as what the factors are returned (default fp32 on the CPU).
+    `resident`: keep every factor in memory on `device` (read one matrix at a time, so host memory
+    still peaks at one matrix when `device` is a GPU) instead of reading it from the file on every
+    access. Default (None): resident on a non-CPU device, and on the CPU when the cache file is at
+    most :func:`resident_max_bytes` (1 GiB; SmolLM2-135M's MLP cache is 0.4 GB), where re-reading
+    every factor on each composition would cost time for no memory worth saving; streamed otherwise.
 
     Raises CorruptArtifactError (unreadable/truncated file, bad header or manifest, missing or
-    mis-shaped keys, NaN/inf) or StaleCacheError (built from another model — config, tensor shapes,
-    or, with `verify_weights`, the sha256 of every targeted tensor of `expect_model` — or with other
-    targets / layers than expected).
+    mis-shaped keys, a factor whose sha256 differs from the manifest's checksum; every factor is
+    hashed once per process, streaming) or StaleCacheError (built from another model — config,
+    tensor shapes, or the content hash of the targeted tensors of `expect_model`: every byte with
+    `verify_weights`, sampled windows without — or with other targets / layers than expected).
     """
     import torch
     from safetensors import safe_open
@@ -459,32 +760,35 @@ def load_svd(path: str | os.PathLike, expect_model: str | os.PathLike | None = N
     if not p.exists():
         raise T2EvalError(f"SVD cache {p} not found: run `t2eval decompose --model MODEL --out {p}`")
     try:
-        with safe_open(p, "pt", device="cpu") as h:
+        with safe_open(p, "pt", device="cpu") as h:  # the reference parser validates the file
             meta = h.metadata() or {}
             keys = set(h.keys())
-            if meta.get("format") != FORMAT or "manifest" not in meta:
-                raise _corrupt(p, f"not a {FORMAT} file (metadata format={meta.get('format')!r})")
-            manifest = json.loads(meta["manifest"])
-            names = manifest["names"]
-            U, S, V = {}, {}, {}
-            for n in names:
-                for suf, d in ((".U", U), (".S", S), (".V", V)):
-                    if n + suf not in keys:
-                        raise _corrupt(p, f"missing tensor {n + suf}")
-                    d[n] = h.get_tensor(n + suf)
+        if meta.get("format") != FORMAT or "manifest" not in meta:
+            raise _corrupt(p, f"not a {FORMAT} file (metadata format={meta.get('format')!r})")
+        data_start, table, _ = _st_table(p)
+        manifest = json.loads(meta["manifest"])
+        names = manifest["names"]
+        for n in names:
+            for suf in (".U", ".S", ".V"):
+                if n + suf not in keys:
+                    raise _corrupt(p, f"missing tensor {n + suf}")
+                if table[n + suf]["dtype"] != "F32":
+                    raise _corrupt(p, f"{n + suf} is {table[n + suf]['dtype']}, not fp32")
+            m, k = manifest["model"]["tensors"][n]["shape"]
+            r = min(m, k)
+            got = [table[n + s]["shape"] for s in (".U", ".S", ".V")]
+            if got != [[m, r], [r], [k, r]]:
+                raise _corrupt(p, f"{n}: factor shapes {got[0]}/{got[1]}/{got[2]} do not fit W {m}×{k}")
+        store = _FactorStore(p, data_start, table)
+        _verify_checksums(p, store._file.fileno(), data_start, table, manifest)
+        S = {n: store.read(n + ".S") for n in names}
     except CorruptArtifactError:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
         raise _corrupt(p, f"{type(e).__name__}: {e}") from None
     for n in names:
-        m, k = manifest["model"]["tensors"][n]["shape"]
-        r = min(m, k)
-        if [*U[n].shape] != [m, r] or [*S[n].shape] != [r] or [*V[n].shape] != [k, r]:
-            raise _corrupt(p, f"{n}: factor shapes {list(U[n].shape)}/{list(S[n].shape)}/{list(V[n].shape)} "
-                              f"do not fit W {m}×{k}")
-        for part, t in (("U", U[n]), ("S", S[n]), ("V", V[n])):
-            if t.dtype != torch.float32 or not torch.isfinite(t).all():
-                raise _corrupt(p, f"{n}.{part} is not finite fp32")
+        if not torch.isfinite(S[n]).all():  # pragma: no cover - the checksums were made from finite factors
+            raise _corrupt(p, f"{n}.S is not finite")
     if expect_targets is not None:
         key, _ = normalise_targets(expect_targets)
         if key != manifest["targets"]:
@@ -493,32 +797,60 @@ def load_svd(path: str | os.PathLike, expect_model: str | os.PathLike | None = N
         want = select_layers(expect_layers, manifest["num_layers"])
         if want != manifest["layer_indices"]:
             raise StaleCacheError(f"SVD cache {p} covers layers {manifest['layers']!r}, expected {expect_layers!r}")
+    cache = SVDCache(p, manifest, _LazyFactors(store, names, ".U"), S, _LazyFactors(store, names, ".V"))
     if expect_model is not None:
-        md = Path(expect_model)
-        if not (md / "config.json").exists():  # a registry key: resolve it like every other stage
-            from .models.loading import resolve_model_dir
+        check_svd_for_model(cache, expect_model, full=verify_weights)
+    if device != "cpu" or dtype is not None:
+        cache = cache.to(device, dtype)
+    if resident is None:
+        resident = str(device) != "cpu" or p.stat().st_size <= resident_max_bytes()
+    if resident:
+        cache = cache.resident()
+    return cache
 
-            md = resolve_model_dir(str(expect_model))
-        _check_model(p, manifest, md, verify_weights)
-    cache = SVDCache(p, manifest, U, S, V)
-    return cache.to(device) if device != "cpu" else cache
+
+def resident_max_bytes() -> int:
+    """Largest cache kept in host memory by default (env ``T2EVAL_SVD_RESIDENT_MAX_MB``, default 1024)."""
+    v = os.environ.get("T2EVAL_SVD_RESIDENT_MAX_MB", "1024")
+    try:
+        return int(float(v) * 2**20)
+    except ValueError:
+        raise T2EvalError(f"T2EVAL_SVD_RESIDENT_MAX_MB={v!r} is not a number of megabytes") from None
 
 
-def _check_model(p: Path, manifest: dict, model_dir: Path, verify_weights: bool) -> None:
+def check_svd_for_model(svd_cache: "SVDCache | str | os.PathLike", model_dir: str | os.PathLike,
+                        full: bool = False) -> None:
+    """Raise StaleCacheError unless `svd_cache` (an SVDCache or a cache path) was decomposed from
+    the weights of `model_dir` (a directory or a registry key).
+
+    Checks the normalised config.json hash, that every decomposed tensor exists with the same
+    shape and dtype, and its content hash recorded at decompose time: sampled 4 KiB windows
+    (cheap, milliseconds even for 70B; tells apart any two models with the same shapes) or, with
+    `full`, the sha256 of every byte (memoised per file in-process).
+    """
+    manifest = svd_cache.manifest if isinstance(svd_cache, SVDCache) else load_svd(svd_cache).manifest
+    where = svd_cache.path if isinstance(svd_cache, SVDCache) else Path(svd_cache)
+    md = Path(model_dir)
+    if not (md / "config.json").exists():  # a registry key: resolve it like every other stage
+        from .models.loading import resolve_model_dir
+
+        md = Path(resolve_model_dir(str(model_dir)))
     have = manifest["model"]
-    if config_sha256(model_dir) != have["config_sha256"]:
-        raise StaleCacheError(f"SVD cache {p} was built from {have['dir']} (another config) than {model_dir}")
+    other = f"SVD cache {where} was decomposed from {have['dir']}, not from the model {md}"
+    if config_sha256(md) != have["config_sha256"]:
+        raise StaleCacheError(f"{other} (another config.json): decompose {md} or pass its own cache")
     names = manifest["names"]
-    index = _weight_index(model_dir)
+    index = _weight_index(md)
     missing = [n for n in names if n not in index]
     if missing:
-        raise StaleCacheError(f"SVD cache {p}: {model_dir} lacks {missing[:3]}")
-    if verify_weights:
-        now = tensor_hashes(model_dir, names)
-        diff = [n for n in names if now[n] != have["tensors"][n]]
-        if diff:
-            raise StaleCacheError(f"SVD cache {p} is stale: {len(diff)} target tensor(s) of {model_dir} "
-                                  f"changed since it was built (e.g. {diff[0]})")
+        raise StaleCacheError(f"{other}: {md} lacks {missing[:3]}")
+    now = tensor_hashes(md, names, full=full)
+    field = "sha256" if full else "sample_sha256"
+    diff = [n for n in names if [now[n]["shape"], now[n]["dtype"], now[n][field]]
+            != [have["tensors"][n]["shape"], have["tensors"][n]["dtype"], have["tensors"][n].get(field)]]
+    if diff:
+        raise StaleCacheError(f"{other}: {len(diff)} target tensor(s) have other weights — changed since it was "
+                              f"built or another model with the same shapes (e.g. {diff[0]}); decompose {md}")
 
 
 def ensure_svd(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp",
@@ -526,7 +858,8 @@ def ensure_svd(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp
                device: str = "cpu", verify_weights: bool = True, threads: int | None = None) -> SVDCache:
     """A valid cache for (model, targets, layers) at `out`: reused when valid, else (re)built.
 
-    A stale or corrupted cache is never used silently: it is rebuilt with a logged warning.
+    A stale or corrupted cache is never used silently: it is rebuilt with a logged warning. An
+    interrupted decomposition into `out` is resumed (see :func:`decompose`).
     `out` defaults to ``svd/<model dir name>-<targets>.safetensors``.
     """
     d = Path(model_dir)

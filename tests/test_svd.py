@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import struct
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -166,3 +167,198 @@ def test_decompose_smollm2_mlp(smollm2_dir, tmp_path):
     man = S.decompose(smollm2_dir, "mlp", out, threads=1)
     assert len(man["names"]) == 90 and man["n_params_svf"] == 90 * 576
     assert man["max_rel_err"] <= 1e-5
+
+
+# --------------------------------------------------------------------------- streaming, integrity, resume
+
+def test_load_streams_factors_on_access(tiny, cache_file, tmp_path, monkeypatch):
+    assert not S.load_svd(cache_file).streamed  # a small cache stays resident by default
+    monkeypatch.setenv("T2EVAL_SVD_RESIDENT_MAX_MB", "0")
+    assert S.load_svd(cache_file).streamed
+    c = S.load_svd(cache_file, resident=False)
+    assert c.streamed and isinstance(c.U, Mapping) and list(c.U) == c.names and len(c.V) == len(c)
+    with safe_open(cache_file, "pt") as h:
+        ref = {k: h.get_tensor(k) for k in h.keys()}
+    n = c.names[0]
+    assert c.U[n] is not c.U[n]  # read on every access, nothing kept
+    for m in c.names:
+        U, Sg, V = c.usv(m)
+        assert torch.equal(U, ref[m + ".U"]) and torch.equal(Sg, ref[m + ".S"]) and torch.equal(V, ref[m + ".V"])
+        assert c.rank(m) == ref[m + ".S"].numel()
+    with pytest.raises(KeyError):
+        c.U["nope"]
+    half = c.to(dtype=torch.bfloat16)
+    assert half.streamed and half.U[n].dtype == torch.bfloat16 and torch.equal(half.V[n], ref[n + ".V"].bfloat16())
+    res = S.load_svd(cache_file, resident=True)
+    assert not res.streamed and torch.equal(res.U[n], ref[n + ".U"])
+    # a cache rebuilt under the same name while one is open: the open one keeps reading its own file
+    out = tmp_path / "c.safetensors"
+    shutil.copy(cache_file, out)
+    open_c = S.load_svd(out, resident=False)
+    S.decompose(tiny_model_dir(1), "mlp", out)
+    assert torch.equal(open_c.U[n], ref[n + ".U"])
+
+
+def _zero_bytes(path, tensor, n_bytes=64):
+    start, table, _ = S._st_table(path)
+    a = start + table[tensor]["data_offsets"][0] + 16
+    with open(path, "r+b") as f:
+        f.seek(a)
+        f.write(b"\0" * n_bytes)
+
+
+def test_zeroed_factor_bytes_refused_and_rebuilt(tiny, cache_file, tmp_path, caplog):
+    man = json.loads(S.manifest_path(cache_file).read_text())
+    n = man["names"][2]
+    assert set(man["matrices"][n]["sha256"]) == {"U", "S", "V"}
+    out = tmp_path / "svd" / "z.safetensors"
+    out.parent.mkdir()
+    shutil.copy(cache_file, out)
+    _zero_bytes(out, n + ".V")
+    with pytest.raises(CorruptArtifactError, match=rf"{n}\.V does not match its sha256 checksum"):
+        S.load_svd(out)
+    with caplog.at_level(logging.WARNING, logger="t2eval.svd"):
+        assert main(["decompose", "--model", str(tiny), "--targets", "mlp", "--out", str(out)]) == 0
+    assert any("rebuilding" in r.message and "checksum" in r.message for r in caplog.records)
+    c = S.load_svd(out, expect_model=tiny)
+    assert c.manifest["matrices"][n]["sha256"] == man["matrices"][n]["sha256"]
+    # a cache without checksums (an older format) is refused too
+    with safe_open(cache_file, "pt") as h:
+        meta, t = h.metadata(), {k: h.get_tensor(k) for k in h.keys()}
+    m2 = json.loads(meta["manifest"])
+    del m2["matrices"][n]["sha256"]
+    save_file(t, str(tmp_path / "old.safetensors"), metadata={**meta, "manifest": json.dumps(m2)})
+    with pytest.raises(CorruptArtifactError, match="no checksum"):
+        S.load_svd(tmp_path / "old.safetensors")
+
+
+def test_check_svd_for_model(tiny, cache_file, tmp_path):
+    c = S.load_svd(cache_file)
+    S.check_svd_for_model(c, tiny)
+    S.check_svd_for_model(cache_file, tiny, full=True)
+    other = tiny_model_dir(1)  # same architecture and shapes, other weights
+    assert S.config_sha256(other) == S.config_sha256(tiny)
+    for full in (False, True):
+        with pytest.raises(S.StaleCacheError, match="not from the model .*other weights"):
+            S.check_svd_for_model(c, other, full=full)
+    # one element edited: the full hash and the sampled windows (the first window starts at byte 0) see it
+    mdir = tmp_path / "model"
+    shutil.copytree(tiny, mdir)
+    w = _weights(mdir)
+    w["model.layers.0.mlp.down_proj.weight"][0, 0] += 1.0
+    save_file(w, str(mdir / "model.safetensors"), metadata={"format": "pt"})
+    for full in (False, True):
+        with pytest.raises(S.StaleCacheError, match="down_proj"):
+            S.check_svd_for_model(c, mdir, full=full)
+    with pytest.raises(S.StaleCacheError, match="config"):
+        S.check_svd_for_model(c, tiny_model_dir(0, num_layers=3))
+
+
+def _factors(path):
+    with safe_open(path, "pt") as h:
+        return {k: h.get_tensor(k) for k in h.keys()}, json.loads(h.metadata()["manifest"])
+
+
+def _assert_same_cache(a, b):
+    fa, ma = _factors(a)
+    fb, mb = _factors(b)
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)  # bit-identical
+    assert {n: m["sha256"] for n, m in ma["matrices"].items()} == {n: m["sha256"] for n, m in mb["matrices"].items()}
+    assert ma["model"] == mb["model"] and ma["names"] == mb["names"]
+
+
+def test_decompose_resumes_after_an_error(tmp_path, monkeypatch, caplog):
+    model = tiny_model_dir(0, num_layers=4)
+    ref = tmp_path / "ref.safetensors"
+    S.decompose(model, "mlp", ref, threads=1)
+    out = tmp_path / "r.safetensors"
+    partial, progress = S.partial_paths(out)
+    orig, calls = S._thin_svd, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    monkeypatch.setattr(S, "_thin_svd", failing)
+    with pytest.raises(KeyboardInterrupt):
+        S.decompose(model, "mlp", out, threads=1)
+    assert not out.exists() and partial.exists() and len(json.loads(progress.read_text())["done"]) == 4
+    monkeypatch.setattr(S, "_thin_svd", orig)
+    man = S.decompose(model, "mlp", out, threads=1)
+    assert man["resumed_matrices"] == 4 and not partial.exists() and not progress.exists()
+    _assert_same_cache(out, ref)
+    # a partial whose recorded factors were damaged is not trusted: started over, same result
+    monkeypatch.setattr(S, "_thin_svd", failing)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        S.decompose(model, "mlp", out, threads=1)
+    monkeypatch.setattr(S, "_thin_svd", orig)
+    first = json.loads(progress.read_text())["done"][0]["name"]
+    reserve = json.loads(progress.read_text())["plan"]["reserve"]
+    with open(partial, "r+b") as f:
+        f.seek(8 + reserve + 4)
+        f.write(b"\0" * 8)
+    with caplog.at_level(logging.WARNING, logger="t2eval.svd"):
+        man = S.decompose(model, "mlp", out, threads=1)
+    assert man["resumed_matrices"] == 0 and any(first in r.message for r in caplog.records)
+    _assert_same_cache(out, ref)
+    # another plan (layers) never resumes a partial
+    monkeypatch.setattr(S, "_thin_svd", failing)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        S.decompose(model, "mlp", out, threads=1)
+    monkeypatch.setattr(S, "_thin_svd", orig)
+    assert S.decompose(model, "mlp", out, layers="half", threads=1)["resumed_matrices"] == 0
+
+
+_SLOW_CLI = """
+import sys, time
+import t2eval.svd as S
+orig = S._thin_svd
+def slow(*a, **k):
+    time.sleep(0.25)
+    return orig(*a, **k)
+S._thin_svd = slow
+from t2eval.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_decompose_killed_midway_resumes(tmp_path):
+    """`t2eval decompose` killed by SIGKILL after k matrices restarts at matrix k and ends with the
+    same factors as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = tiny_model_dir(0, num_layers=4)
+    out = tmp_path / "svd" / "k.safetensors"
+    args = ["decompose", "--model", str(model), "--targets", "mlp+attn", "--out", str(out), "--threads", "1"]
+    partial, progress = S.partial_paths(out)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CLI, *args], env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if len(json.loads(progress.read_text())["done"]) >= 3:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    k = len(json.loads(progress.read_text())["done"])
+    assert 3 <= k < 20 and not out.exists() and partial.exists()
+    assert main(args) == 0
+    man = json.loads(S.manifest_path(out).read_text())
+    assert man["resumed_matrices"] == k and not partial.exists() and not progress.exists()
+    ref = tmp_path / "ref.safetensors"
+    S.decompose(model, "mlp+attn", ref, threads=1)
+    _assert_same_cache(out, ref)
