@@ -370,6 +370,15 @@ def compare_outputs(rules: Rules, dataset: str, entry_point: str, inputs: list, 
 # ------------------------------------------------------------------------------------------------
 # running
 # ------------------------------------------------------------------------------------------------
+def time_limits(rules: Rules, ref_times: Sequence[float], limits: Limits | None = None) -> list[float]:
+    """Per-input limits: max(min_time_limit, time_factor * canonical seconds) (evalplus's formula;
+    release 0.2 s / 4x, corrected 1 s / 4x unless `limits` overrides them)."""
+    limits = limits or Limits()
+    min_tl = rules.min_time_limit if limits.min_time_limit is None else limits.min_time_limit
+    factor = rules.time_factor if limits.time_factor is None else limits.time_factor
+    return [max(min_tl, factor * t) for t in ref_times]
+
+
 _REF_CACHE: dict[str, tuple[list, list]] = {}
 _REF_LOCK = threading.Lock()
 
@@ -451,9 +460,7 @@ def run_program(program: Program, limits: Limits | None = None) -> ExecResult:
             expected, ref_times = _reference(program, limits, rules)
         except T2EvalError as e:
             return ExecResult(False, "error", str(e), time.monotonic() - t0)
-        min_tl = rules.min_time_limit if limits.min_time_limit is None else limits.min_time_limit
-        factor = rules.time_factor if limits.time_factor is None else limits.time_factor
-        tls = [max(min_tl, factor * t) for t in ref_times]
+        tls = time_limits(rules, ref_times, limits)
         job = {"mode": "calls", "code": program.code, "entry_point": program.entry_point,
                "inputs": json.dumps(child.encode(list(program.inputs))), "time_limits": tls,
                "main_name": rules.main_name}
