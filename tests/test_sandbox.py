@@ -56,7 +56,7 @@ def test_hostile_programs_are_contained():
     assert "timeout" in by_name["infinite_loop"].reason or by_name["infinite_loop"].status == "timeout"
     assert not os.path.exists(PWNED)
     # the parent survived (we are still here) and no sandboxed process is left behind
-    assert _leftover_sandbox_processes() == []
+    assert _wait_no_leftovers() == []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,6 +146,7 @@ def attack_programs(ctx):
         "read_parent_environ_ppid": ("import os\ne = open(f'/proc/{os.getppid()}/environ', 'rb').read()\n"
                                      "assert b'T2EVAL_TEST_SECRET' in e\n"
                                      "def add(a, b):\n    return a + b\n"),
+        "read_own_environ": "import os\ndef add(a, b):\n    raise ValueError(repr(dict(os.environ)))\n",
         "read_home_secret": (f"s = open({ctx['home_secret']!r}).read()\n"
                              "def add(a, b):\n    raise ValueError(s)\n"),
         "socket_localhost": ("import socket\n"
@@ -222,15 +223,13 @@ def run_hostile_suite(workdir: str) -> dict:
     except BlockingIOError:
         connected = False
     srv.close()
-    deadline = time.monotonic() + 5  # the kernel tears PID namespaces down asynchronously
-    while _leftover_sandbox_processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    leftover = _wait_no_leftovers()
     return {"mode": mode, "uid": os.geteuid(), "wall_s": wall,
             "results": {n: [r.passed, r.status, r.reason, r.seconds]
                         for n, r in zip(names + ["good", "good_stdlib", "wrong"], res)},
             "connected": connected, "user_file": open(user_file).read(),
             "site_pwned": os.path.exists(os.path.join(ctx["site_dir"], "t2eval_pwned.pth")),
-            "leftover": _leftover_sandbox_processes()}
+            "leftover": leftover}
 
 
 def check_hostile_record(rec: dict) -> None:
@@ -251,6 +250,15 @@ def check_hostile_record(rec: dict) -> None:
     assert not rec["connected"]  # nothing reached the harness's 127.0.0.1 listener
     assert rec["user_file"] == "mine" and not rec["site_pwned"]
     assert rec["leftover"] == []
+
+
+def _wait_no_leftovers(timeout: float = 5.0) -> list:
+    import time
+
+    deadline = time.monotonic() + timeout  # the kernel tears PID namespaces down asynchronously
+    while _leftover_sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _leftover_sandbox_processes()
 
 
 def _leftover_sandbox_processes() -> list:
