@@ -149,3 +149,31 @@ def test_scoring_option_end_to_end(monkeypatch):
     assert get_task("mbpp", scoring="corrected").score_batch(docs, [good, one_liner, late_const]) == [True] * 3
     he = get_task("humaneval")
     assert he.score_batch([HE_DOC, HE_DOC], ["\n    return 2 * x\n```", "\n    return x\n```"]) == [True, False]
+
+
+def test_release_sanitizer_matches_evalplus_legacy_sanitizer(data_mirror):
+    """Differential check against evalplus's own copy of the legacy text-based sanitiser (installed
+    as evalplus.lecacy_sanitize), which the release's fishfarm `sanitize_code` follows; on every
+    release problem with the canonical answer and model-like variants of it."""
+    import gzip
+    import json
+
+    legacy = pytest.importorskip("evalplus.lecacy_sanitize")
+    n = 0
+    for name, f in (("mbpp", "mbppplus/MbppPlus-v0.1.0.jsonl.gz"),
+                    ("humaneval", "humanevalplus/HumanEvalPlus-v0.1.9.jsonl.gz")):
+        with gzip.open(data_mirror / f, "rt") as fh:
+            rows = [json.loads(line) for line in fh]
+        for r in rows:
+            sol = r["canonical_solution"]
+            four = "\n".join(("  " + l if l.startswith("  ") and not l.startswith("    ") else l)
+                             for l in sol.splitlines())
+            three = "\n".join(("   " + l.lstrip() if l.startswith("    ") else l) for l in four.splitlines())
+            for completion in (sol, four, three, four + "\n\nprint(1)\nassert True\n",
+                               "Here you go:\n```python\n" + four + "\n```\nDone.",
+                               four + "\nx = 1\nif x:\n    pass\n", "no code at all"):
+                code = r["prompt"] + "\n" + completion
+                want = legacy.sanitize(code.strip(), r["entry_point"]).strip()
+                assert release_sanitize(code, r["entry_point"]) == want, (r["task_id"], completion)
+                n += 1
+    assert n == 7 * (399 + 164)
