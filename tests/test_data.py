@@ -537,7 +537,7 @@ def test_evalplus_versions_switch_without_redownload(tmp_path, offline):
 
 # ------------------------------------------------------------------ integrity (issue 13.3)
 
-def test_prepared_split_checked_against_manifest(prepared, tmp_path):
+def test_prepared_split_checked_against_manifest(prepared, tmp_path, caplog):
     out = tmp_path / "d"
     shutil.copytree(prepared, out)
     f = out / "gsm8k" / "test.jsonl"
@@ -562,6 +562,12 @@ def test_prepared_split_checked_against_manifest(prepared, tmp_path):
     # prepare-data repairs it
     prepare_data(out, mirror=MIRROR, datasets=["gsm8k", "arc_easy"])
     assert len(S.task_split("gsm8k", "test", out)) == 1319
+    # a directory that prepare-data never wrote (no manifest.json at all) is read unchecked, with a warning
+    raw = tmp_path / "raw"
+    shutil.copytree(MIRROR / "arc_challenge", raw / "arc_challenge")
+    with caplog.at_level("WARNING", logger="t2eval.data"):
+        assert len(S.task_split("arc_challenge", "test", raw)) == 1172
+    assert "no manifest.json" in caplog.text
 
 
 def test_empty_prepared_split_is_a_clear_error(tmp_path, offline):
