@@ -227,8 +227,9 @@ def fewshot_partition(rows: Sequence[dict], n: int = FEWSHOT_N, seed: int = FEWS
     """(held-out, test) as the release builds them: random.seed(seed); idx = list(range(len(rows)));
     random.shuffle(idx) (= random.Random(seed).shuffle); the first n held out (shuffled order), the
     rest are the reported test set, in source order."""
-    if len(rows) <= n:
-        raise T2EvalError(f"the few-shot partition needs more than {n} rows, got {len(rows)}")
+    if len(rows) < n:
+        raise T2EvalError(f"the few-shot partition needs at least {n} rows, got {len(rows)}; re-run "
+                          "`t2eval prepare-data --force` with a complete source")
     idx = list(range(len(rows)))
     random.Random(seed).shuffle(idx)
     return [rows[i] for i in idx[:n]], [rows[i] for i in sorted(idx[n:])]
