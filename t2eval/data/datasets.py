@@ -16,11 +16,26 @@ Every source is validated before anything is written: required fields and types 
 row is reported as ``file:line: reason``), unique ids, and the known row count per split
 (reported with the file, the expected and the found count). Writes are atomic (temp + rename)
 and the manifest is updated after each dataset, so an interrupted run keeps what it finished;
-a dataset whose files already match the manifest is skipped unless ``force``.
+a dataset whose files already match the manifest is skipped unless ``force``. Each manifest update
+holds an exclusive lock (``fcntl`` on ``out/.manifest.lock``) and re-reads the manifest first, so
+concurrent partial runs never drop each other's entries.
+
+Versioned release files (MBPP+, HumanEval+): every release present is materialised as its own split
+``test-<version>`` (``mbppplus/test-v0.1.0.jsonl``, ``mbppplus/test-v0.2.0.jsonl``), so switching
+between the code release's versions (MBPP+ v0.1.0, HumanEval+ v0.1.9) and the current ones needs no
+new download; ``--mbppplus-version`` / ``--humanevalplus-version`` restrict a run to one release
+(missing → an error naming the file). Without a mirror the network / evalplus cache path fetches
+the release version and evalplus's current one.
+
+ARC-Challenge: the mirror's test.jsonl has letter-normalised labels; its
+``test_original_labels.jsonl`` (required) restores the original labels and answerKey of each row
+(22 of 1172 keyed "1".."4", as on the hub), checked row by row (same id, same number of choices,
+the correct answer at the same position).
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -42,6 +57,10 @@ MANIFEST = "manifest.json"
 # MBPP+ release -> problem count (evalplus). Unknown releases are accepted without a count check.
 MBPPPLUS_COUNTS = {"v0.1.0": 399, "v0.2.0": 378}
 HUMANEVALPLUS_COUNTS = {"v0.1.9": 164, "v0.1.10": 164}
+# the releases the paper's code used (evalplus @1895d2f6, PROTOCOL §8); the network path fetches these too
+RELEASE_VERSIONS = {"mbppplus": "v0.1.0", "humanevalplus": "v0.1.9"}
+VERSIONED = ("mbppplus", "humanevalplus")
+ARC_CHALLENGE_LABELS = "test_original_labels.jsonl"
 # upstream MBPP task_id ranges (google-research mbpp README)
 MBPP_RANGES = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
@@ -92,7 +111,8 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
                 "arc_easy/{train,validation,test}.jsonl (fields id, question, choices{text,label}, answerKey)",
                 "hub allenai/ai2_arc, config ARC-Easy", _check_arc),
     DatasetSpec("arc_challenge", ("test",), _ARC_FIELDS, {"test": 1172}, "id",
-                "arc_challenge/test.jsonl (fields id, question, choices{text,label}, answerKey)",
+                "arc_challenge/test.jsonl (fields id, question, choices{text,label}, answerKey) and "
+                "arc_challenge/test_original_labels.jsonl (fields id, labels, answerKey)",
                 "hub allenai/ai2_arc, config ARC-Challenge", _check_arc),
     DatasetSpec("math", ("train", "test", "math500"), {"problem": str, "solution": str},
                 {"train": 7500, "test": 5000, "math500": 500}, "unique_id",
@@ -102,10 +122,10 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
     DatasetSpec("humaneval", ("test",), {**_CODE_FIELDS, "test": str}, {"test": 164}, "task_id",
                 "humaneval/HumanEval.jsonl[.gz] (fields task_id, prompt, entry_point, canonical_solution, test)",
                 "hub openai/openai_humaneval"),
-    DatasetSpec("humanevalplus", ("test",), {**_CODE_FIELDS, "test": str, "base_input": list}, {}, "task_id",
+    DatasetSpec("humanevalplus", ("test-<version>",), {**_CODE_FIELDS, "test": str, "base_input": list}, {}, "task_id",
                 "humanevalplus/HumanEvalPlus-v<version>.jsonl[.gz] (evalplus release file)",
                 "the evalplus package (downloads the HumanEval+ release from GitHub)"),
-    DatasetSpec("mbppplus", ("test",), {**_CODE_FIELDS, "base_input": list}, {}, "task_id",
+    DatasetSpec("mbppplus", ("test-<version>",), {**_CODE_FIELDS, "base_input": list}, {}, "task_id",
                 "mbppplus/MbppPlus-v<version>.jsonl[.gz] (evalplus release file)",
                 "the evalplus package (downloads the MBPP+ release from GitHub)"),
     DatasetSpec("mbpp", ("train", "validation", "test", "prompt"),
@@ -118,6 +138,11 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
 DATASETS: tuple[str, ...] = tuple(SPECS)
 
 
+def version_split(version: str | None) -> str:
+    """The manifest split of one release of a versioned dataset: ``test-v0.1.0``."""
+    return f"test-{version or 'unknown'}"
+
+
 @dataclass
 class SplitSource:
     """Rows of one split as read from a source, before validation."""
@@ -126,6 +151,7 @@ class SplitSource:
     source: str                    # manifest "source"
     version: str | None            # manifest "version"
     is_file: bool = True           # `where` is a file (messages use file:line) or a hub split (row N)
+    finish: Callable[["SplitSource"], None] | None = None  # applied after validation (ARC labels)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -178,25 +204,14 @@ def _version_key(v: str) -> tuple:
     return tuple(int(x) if x.isdigit() else x for x in re.split(r"[.\-]", v.lstrip("v")))
 
 
-def _evalplus_file(d: Path, stem: str, want: str | None) -> tuple[Path, str] | None:
-    """The release file `<stem>-v<version>.jsonl[.gz]` (or unversioned `<stem>.jsonl[.gz]`) in d."""
+def _evalplus_files(d: Path, stem: str) -> dict[str, Path]:
+    """version ("unknown" for an unversioned file) -> release file `<stem>[-v<version>].jsonl[.gz]` in d."""
     found: dict[str, Path] = {}
     for p in sorted(d.glob(f"{stem}*.jsonl*")) if d.is_dir() else []:
         m = re.fullmatch(re.escape(stem) + r"(?:-(v[0-9][\w.]*?))?\.jsonl(?:\.gz)?", p.name)
         if m:
             found.setdefault(m.group(1) or "unknown", p)
-    if not found:
-        return None
-    if want is not None:
-        if want not in found:
-            raise T2EvalError(f"{d}: no {stem} release {want} (found {', '.join(sorted(found))}); "
-                              f"add {stem}-{want}.jsonl.gz there or choose another version")
-        return found[want], want
-    versioned = sorted((v for v in found if v != "unknown"), key=_version_key)
-    v = versioned[-1] if versioned else "unknown"
-    if len(found) > 1:
-        log.info("%s: several %s releases (%s); using %s", d, stem, ", ".join(sorted(found)), v)
-    return found[v], v
+    return found
 
 
 # --------------------------------------------------------------------------- mirror readers
@@ -225,14 +240,23 @@ def _mirror_humaneval(mirror: Path, opts: dict) -> dict[str, SplitSource]:
 
 
 def _mirror_evalplus(mirror: Path, name: str, stem: str, want: str | None) -> dict[str, SplitSource]:
+    """Every release file in the mirror (or only `want`), one split `test-<version>` each."""
     d = mirror / name
-    hit = _evalplus_file(d, stem, want)
-    if hit is None:
-        raise _Missing([str(d / f"{stem}-v<version>.jsonl.gz")])
-    path, version = hit
-    src = _mirror_file(path)
-    src.version = version
-    return {"test": src}
+    found = _evalplus_files(d, stem)
+    if not found:
+        raise _Missing([str(d / f"{stem}-{want or 'v<version>'}.jsonl.gz")])
+    if want is not None:
+        if want not in found:
+            raise T2EvalError(f"{d}: no {stem} release {want} (found {', '.join(sorted(found))}); "
+                              f"add {d / f'{stem}-{want}.jsonl.gz'} (the evalplus release file) or choose "
+                              "another version")
+        found = {want: found[want]}
+    out = {}
+    for version, path in found.items():
+        src = _mirror_file(path)
+        src.version = version
+        out[version_split(version)] = src
+    return out
 
 
 def _mirror_mbpp(mirror: Path, opts: dict) -> dict[str, SplitSource]:
@@ -256,6 +280,41 @@ def _mirror_mbpp(mirror: Path, opts: dict) -> dict[str, SplitSource]:
     return out
 
 
+def _mirror_arc_challenge(mirror: Path, opts: dict) -> dict[str, SplitSource]:
+    """test.jsonl (letter-normalised labels) + test_original_labels.jsonl, joined after validation."""
+    src = _mirror_plain(mirror, "arc_challenge", {"test": "test.jsonl"})["test"]
+    labels = mirror / "arc_challenge" / ARC_CHALLENGE_LABELS
+    if not labels.is_file():
+        raise _Missing([str(labels) + " (the original labels and answer keys; the letter-normalised "
+                        "test.jsonl alone cannot reproduce the release's ARC-Challenge scoring)"])
+    src.finish = lambda s: restore_arc_labels(s, labels)
+    return {"test": src}
+
+
+def restore_arc_labels(src: SplitSource, labels_path: Path) -> None:
+    """Replace each row's choice labels and answerKey by the original ones of `labels_path`
+    (same order, fields id, labels, answerKey); the correct choice must stay at the same position."""
+    rows = read_jsonl_rows(labels_path)
+    if len(rows) != len(src.rows):
+        raise T2EvalError(f"{labels_path}: {len(rows)} rows but {src.where} has {len(src.rows)}; "
+                          "the two files must list the same items in the same order; replace them")
+    for (n, lab), (_, row) in zip(rows, src.rows):
+        where = f"{labels_path}:{n}"
+        if lab.get("id") != row["id"]:
+            raise T2EvalError(f"{where}: id {lab.get('id')!r} but {src.where} has {row['id']!r} at this position")
+        labels, key = lab.get("labels"), lab.get("answerKey")
+        if not isinstance(labels, list) or len(labels) != len(row["choices"]["text"]) or key not in labels:
+            raise T2EvalError(f"{where}: labels {labels!r} / answerKey {key!r} do not fit the "
+                              f"{len(row['choices']['text'])} choices of {row['id']}")
+        if labels.index(key) != row["choices"]["label"].index(row["answerKey"]):
+            raise T2EvalError(f"{where}: answerKey {key!r} is choice {labels.index(key) + 1} but {src.where} "
+                              f"marks choice {row['choices']['label'].index(row['answerKey']) + 1} of {row['id']}")
+        row["choices"] = {**row["choices"], "label": list(labels)}
+        row["answerKey"] = key
+    src.source += f" + labels {labels_path}"
+    src.version = f"{src.version}+{_file_sha256(labels_path)[:16]}"
+
+
 def _mirror_math(mirror: Path, opts: dict) -> dict[str, SplitSource]:
     return _mirror_plain(mirror, "math", {"train": "train.jsonl", "test": "test.jsonl",
                                           "math500": "math500_test.jsonl"})
@@ -264,7 +323,7 @@ def _mirror_math(mirror: Path, opts: dict) -> dict[str, SplitSource]:
 MIRROR_READERS: dict[str, Callable[[Path, dict], dict[str, SplitSource]]] = {
     "gsm8k": lambda m, o: _mirror_plain(m, "gsm8k", {"train": "train.jsonl", "test": "test.jsonl"}),
     "arc_easy": lambda m, o: _mirror_plain(m, "arc_easy", {s: f"{s}.jsonl" for s in ("train", "validation", "test")}),
-    "arc_challenge": lambda m, o: _mirror_plain(m, "arc_challenge", {"test": "test.jsonl"}),
+    "arc_challenge": _mirror_arc_challenge,
     "math": _mirror_math,
     "humaneval": _mirror_humaneval,
     "humanevalplus": lambda m, o: _mirror_evalplus(m, "humanevalplus", "HumanEvalPlus", o.get("humanevalplus_version")),
@@ -305,36 +364,53 @@ def _hub_math(opts: dict) -> dict[str, SplitSource]:
     return out
 
 
-def _evalplus_release(kind: str, want: str | None) -> dict[str, SplitSource]:
-    """The raw evalplus release file (not get_*_plus(), which turns inputs into non-JSON objects)."""
+def _evalplus_module(kind: str):
+    """(current default version, path-of-release function) of evalplus for `kind`."""
     if kind == "mbppplus":
         from evalplus.data import mbpp as mod
 
-        default, ready = mod.MBPP_PLUS_VERSION, mod._ready_mbpp_plus_path
-    else:
-        from evalplus.data import humaneval as mod
+        return mod.MBPP_PLUS_VERSION, mod._ready_mbpp_plus_path
+    from evalplus.data import humaneval as mod
 
-        default, ready = mod.HUMANEVAL_PLUS_VERSION, mod._ready_human_eval_plus_path
-    version = want or default
-    path = Path(ready(version=version))
-    src = _mirror_file(path)
-    src.source, src.version = f"evalplus:{kind} {version} ({path})", version
-    return {"test": src}
+    return mod.HUMANEVAL_PLUS_VERSION, mod._ready_human_eval_plus_path
+
+
+def _network_versions(kind: str, want: str | None, default: str) -> list[str]:
+    """`want`, else the code release's version and evalplus's current one."""
+    return [want] if want else sorted({RELEASE_VERSIONS[kind], default}, key=_version_key)
+
+
+def _evalplus_release(kind: str, want: str | None) -> dict[str, SplitSource]:
+    """The raw evalplus release files (not get_*_plus(), which turns inputs into non-JSON objects)."""
+    default, ready = _evalplus_module(kind)
+    out = {}
+    for version in _network_versions(kind, want, default):
+        path = Path(ready(version=version))
+        src = _mirror_file(path)
+        src.source, src.version = f"evalplus:{kind} {version} ({path})", version
+        out[version_split(version)] = src
+    return out
 
 
 def _evalplus_cached(name: str, opts: dict) -> dict[str, SplitSource] | None:
-    """HumanEval+/MBPP+ from evalplus's own download cache, if present (usable offline)."""
-    if name not in ("mbppplus", "humanevalplus"):
+    """HumanEval+/MBPP+ releases already in evalplus's own download cache (usable offline), or None."""
+    if name not in VERSIONED:
         return None
     try:
-        from evalplus.data import humaneval, mbpp
         from evalplus.data.utils import get_dataset_metadata
+
+        default, _ = _evalplus_module(name)
     except ImportError:
         return None
-    stem, default = (("MbppPlus", mbpp.MBPP_PLUS_VERSION) if name == "mbppplus"
-                     else ("HumanEvalPlus", humaneval.HUMANEVAL_PLUS_VERSION))
-    _, path = get_dataset_metadata(stem, opts.get(f"{name}_version") or default, False)
-    return _evalplus_release(name, opts.get(f"{name}_version")) if Path(path).is_file() else None
+    stem = "MbppPlus" if name == "mbppplus" else "HumanEvalPlus"
+    cached = [v for v in _network_versions(name, opts.get(f"{name}_version"), default)
+              if Path(get_dataset_metadata(stem, v, False)[1]).is_file()]
+    if not cached:
+        return None
+    out: dict[str, SplitSource] = {}
+    for v in cached:
+        out.update(_evalplus_release(name, v))
+    return out
 
 
 HUB_READERS: dict[str, Callable[[dict], dict[str, SplitSource]]] = {
@@ -484,17 +560,36 @@ def read_manifest(out: Path) -> dict:
     return m
 
 
-def dataset_up_to_date(out: Path, name: str, entry: dict | None, opts: dict | None = None) -> bool:
-    """True when every split of `name` is in the manifest and its file has the recorded sha256."""
-    if not entry or set(entry) != set(SPECS[name].splits):
+def expected_splits(name: str, mirror: Path | None, opts: dict | None = None) -> tuple[str, ...] | None:
+    """The manifest splits a run would write for `name`; None when only reading the source can tell
+    (a versioned dataset from the network or an unversioned release file)."""
+    if name not in VERSIONED:
+        return SPECS[name].splits
+    want = (opts or {}).get(f"{name}_version")
+    if want:
+        return (version_split(want),)
+    found = _evalplus_files(mirror / name, "MbppPlus" if name == "mbppplus" else "HumanEvalPlus") if mirror else {}
+    if not found or "unknown" in found:
+        return None
+    return tuple(version_split(v) for v in found)
+
+
+def dataset_up_to_date(out: Path, name: str, entry: dict | None, opts: dict | None = None,
+                       mirror: Path | None = None) -> bool:
+    """True when every split a run would write for `name` is in the manifest and its file has the
+    recorded sha256 (versioned datasets: the requested release, or every release in the mirror)."""
+    if not entry:
         return False
-    opts = opts or {}
-    want_version = opts.get(f"{name}_version")
-    for split, e in entry.items():
+    want = expected_splits(name, mirror, opts)
+    if name not in VERSIONED and set(entry) != set(want or ()):
+        return False
+    check = list(entry) if want is None else list(want)
+    for split in check:
+        e = entry.get(split)
+        if e is None:
+            return False
         p = Path(out) / e.get("path", "")
         if not p.is_file() or _file_sha256(p) != e.get("sha256"):
-            return False
-        if want_version and e.get("version") != want_version:
             return False
     return True
 
@@ -503,7 +598,10 @@ def prepare_data(out: str | os.PathLike, mirror: str | os.PathLike | None = None
                  datasets: Iterable[str] | None = None, force: bool = False, *,
                  config_mirror: str | os.PathLike | None = None,
                  mbppplus_version: str | None = None, humanevalplus_version: str | None = None) -> dict:
-    """Materialise `datasets` (default: all) under `out`; returns the manifest dict (also written)."""
+    """Materialise `datasets` (default: all) under `out`; returns the manifest dict (also written).
+
+    mbppplus_version / humanevalplus_version: only that release (default: every release the mirror
+    holds; from the network, the code release's and evalplus's current one)."""
     out = Path(out)
     names = list(datasets) if datasets is not None else list(DATASETS)
     unknown = [n for n in names if n not in SPECS]
@@ -511,46 +609,76 @@ def prepare_data(out: str | os.PathLike, mirror: str | os.PathLike | None = None
         raise T2EvalError(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
     mirror_dir = resolve_mirror(mirror, config_mirror)
     opts = {"mbppplus_version": mbppplus_version, "humanevalplus_version": humanevalplus_version}
-    man = read_manifest(out)
-    timings: dict[str, float] = {}
-    written: list[str] = []
     for name in names:
         t0 = time.perf_counter()
-        if not force and dataset_up_to_date(out, name, man["datasets"].get(name), opts):
+        if not force and dataset_up_to_date(out, name, read_manifest(out)["datasets"].get(name), opts, mirror_dir):
             log.info("%s: up to date (%s), skipped", name, out / name)
             continue
         sources = read_source(name, mirror_dir, opts)
-        for split in SPECS[name].splits:
+        splits = list(sources) if name in VERSIONED else list(SPECS[name].splits)
+        for split in splits:
             if split not in sources:
                 raise T2EvalError(f"{name}: source has no split {split!r}")
             validate_split(name, split, sources[split])
+            if sources[split].finish is not None:
+                sources[split].finish(sources[split])
+        if name in VERSIONED:  # an unversioned release file gets its version from its row count
+            sources = {version_split(src.version): src for src in sources.values()}
+            splits = sorted(sources, key=lambda sp: _version_key(sp[len("test-"):]))
         entry = {}
-        for split in SPECS[name].splits:
+        for split in splits:
             src = sources[split]
             data = _serialise(r for _, r in src.rows)
             rel = f"{name}/{split}.jsonl"
             _write_atomic(out / rel, data)
             entry[split] = {"path": rel, "rows": len(src.rows), "sha256": hashlib.sha256(data).hexdigest(),
                             "source": src.source, "version": src.version}
-        man["datasets"][name] = entry
-        timings[name] = round(time.perf_counter() - t0, 3)
-        written.append(name)
-        man["datasets"] = {k: man["datasets"][k] for k in sorted(man["datasets"], key=_order)}
-        _write_manifest(out, man, mirror_dir, timings)
-        log.info("%s: wrote %s in %.2fs", name,
-                 ", ".join(f"{s}={e['rows']}" for s, e in entry.items()), timings[name])
+        took = round(time.perf_counter() - t0, 3)
+        update_manifest(out, name, entry, merge=name in VERSIONED, mirror=mirror_dir, seconds=took)
+        log.info("%s: wrote %s in %.2fs", name, ", ".join(f"{s}={e['rows']}" for s, e in entry.items()), took)
     if not (out / MANIFEST).exists():
-        _write_manifest(out, man, mirror_dir, timings)
-    return man
+        update_manifest(out, None, {}, mirror=mirror_dir)
+    return read_manifest(out)
 
 
 def _order(name: str) -> int:
     return DATASETS.index(name) if name in DATASETS else len(DATASETS)
 
 
-def _write_manifest(out: Path, man: dict, mirror: Path | None, timings: dict) -> None:
+class _ManifestLock:
+    """Exclusive `fcntl` lock on `out/.manifest.lock` (blocks until the other writer is done)."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ".manifest.lock"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "a")
+        fcntl.flock(self.f.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
+        self.f.close()
+
+
+def update_manifest(out: Path, name: str | None, entry: dict, *, merge: bool = False,
+                    mirror: Path | None = None, seconds: float | None = None) -> dict:
+    """Under the manifest lock: re-read the manifest, set (or, `merge`, update) `name`'s entry, write
+    it atomically; returns the manifest written. Concurrent runs each keep the other's entries."""
     from ..provenance import code_version, write_json_atomic
 
-    man["provenance"] = {"stage": "prepare-data", "mirror": str(mirror) if mirror else None,
-                         "code": code_version(), "timings": dict(timings)}
-    write_json_atomic(out / MANIFEST, man)
+    out = Path(out)
+    with _ManifestLock(out):
+        man = read_manifest(out)
+        if name is not None:
+            man["datasets"][name] = {**man["datasets"].get(name, {}), **entry} if merge else entry
+        man["datasets"] = {k: man["datasets"][k] for k in sorted(man["datasets"], key=_order)}
+        prov = man.get("provenance") if isinstance(man.get("provenance"), dict) else {}
+        timings = dict(prov.get("timings") or {})
+        if name is not None and seconds is not None:
+            timings[name] = seconds
+        man["provenance"] = {"stage": "prepare-data", "mirror": str(mirror) if mirror else None,
+                             "code": code_version(), "timings": timings}
+        write_json_atomic(out / MANIFEST, man)
+    return man

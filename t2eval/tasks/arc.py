@@ -5,8 +5,11 @@ dataset's labels). Llama-3 models get the assistant pre-fill "Let's think step b
 Answer extraction (release): first "answer is (X)"/"answer is X"; else "Answer: X" (first line
 that has one, last occurrence on it); else the last standalone capital A-J.
 Options: no_answer="random" (release: Python's `random.seed(42); randint(0, n-1)`, i.e. a fixed
-letter per option count) or "wrong"; numeric_keys="position" (map answerKey "1".."5" to the
-letter at its position, correct) or "code" (compare the letter with the raw key: never right).
+letter per option count) or "wrong"; numeric_keys="release" (default; compare the letter with the
+raw answerKey, so items keyed "1".."5" are never right: 97 of 2376 ARC-Easy test items, 102 of the
+2251 train items the reward sees, 22 of 1172 ARC-Challenge test items -- PROTOCOL §5, §8) or
+"corrected" (map the key to the letter at its position). The older names "code" and "position" are
+accepted for "release" and "corrected".
 """
 
 from __future__ import annotations
@@ -45,9 +48,15 @@ def format_question(doc: dict) -> str:
     return q
 
 
-def gold_letter(doc: dict, numeric_keys: str = "position") -> str:
+NUMERIC_KEYS = ("release", "corrected")
+_NUMERIC_KEY_ALIASES = {"code": "release", "position": "corrected"}
+
+
+def gold_letter(doc: dict, numeric_keys: str = "release") -> str:
+    """The answer the extracted letter must equal: the raw answerKey (release) or, corrected, the
+    letter at the key's position among the labels (identical for letter-labelled items)."""
     key = doc["answerKey"]
-    if numeric_keys == "position":
+    if _NUMERIC_KEY_ALIASES.get(numeric_keys, numeric_keys) == "corrected":
         labels = list(doc["choices"]["label"])
         if key in labels:
             return LETTERS[labels.index(key)]
@@ -65,11 +74,12 @@ class ARC(Task):
     system = SYSTEM
 
     def __init__(self, key: str = "arc_easy", no_answer: str = "random",
-                 numeric_keys: str = "position") -> None:
+                 numeric_keys: str = "release") -> None:
         self.key = check_option("arc", "key", key, ("arc_easy", "arc_challenge"))
         self.no_answer = check_option(key, "no_answer", no_answer, ("random", "wrong"))
-        self.numeric_keys = check_option(key, "numeric_keys", numeric_keys, ("position", "code"))
-        self.options = {"no_answer": no_answer, "numeric_keys": numeric_keys}
+        numeric_keys = _NUMERIC_KEY_ALIASES.get(numeric_keys, numeric_keys)
+        self.numeric_keys = check_option(key, "numeric_keys", numeric_keys, NUMERIC_KEYS)
+        self.options = {"no_answer": no_answer, "numeric_keys": self.numeric_keys}
 
     def user_message(self, doc: dict) -> str:
         return format_question(doc)
@@ -78,7 +88,7 @@ class ARC(Task):
         return LLAMA3_PREFILL if family == "llama3" else ""
 
     def reference(self, doc: dict) -> str:
-        return f"the answer is ({gold_letter(doc, 'position')})"
+        return f"the answer is ({gold_letter(doc, 'corrected')})"
 
     def score_one(self, doc: dict, completion: str) -> bool:
         gold = gold_letter(doc, self.numeric_keys)
