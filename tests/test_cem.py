@@ -104,10 +104,6 @@ def tiny_setup(tmp_path_factory):
     return tiny, str(svd_path), experts, root
 
 
-@pytest.mark.xfail(strict=True, raises=T2EvalError,
-                   reason="fit_fewshot (t2eval/adapt/fewshot_cli.py, not h8's) must pass run_cem's score_reported "
-                          "(cem.reported_evaluator on the reported set) for the release default select='reported', "
-                          "or select='shots'; remove this mark once it does")
 def test_fit_fewshot_tiny_resumable(tiny_setup, data_mirror):
     from t2eval.adapt.fewshot_cli import fit_fewshot
     from t2eval.backends.hf import HFBackend
@@ -119,7 +115,7 @@ def test_fit_fewshot_tiny_resumable(tiny_setup, data_mirror):
     from t2eval.svd import load_svd
 
     be = HFBackend(tiny, svd=load_svd(svd), batch_size=10)
-    kw = dict(iterations=2, population=4, elite=0.5, seed=11, backend=be, max_new_tokens=3, docs=docs)
+    kw = dict(iterations=2, population=4, seed=11, backend=be, max_new_tokens=3, docs=docs)
     spec = ",".join(f"{n}:{p}" for n, p in experts.items())
     full = fit_fewshot(tiny, svd, spec, "arc_challenge", root / "full", **kw)
     part = fit_fewshot(tiny, svd, spec, "arc_challenge", root / "resumed", stop_after=1, **kw)
@@ -175,10 +171,15 @@ def test_release_defaults():
                                                                             elite_rounding="round").n_elite == 3
     with pytest.raises(T2EvalError, match="at least 2"):  # int(5 · 0.2) = 1 elite: no unbiased std
         run_cem(_smooth([0.5]), (1,), CEMConfig(population=5, elite=0.2, select="shots"))
-    with pytest.raises(T2EvalError, match="elite"):
-        CEMConfig(population=4, elite=0.2, std_ddof=0).check()  # int(0.8) = 0 elites
-    with pytest.raises(T2EvalError, match="score_reported"):
-        run_cem(_smooth([0.5]), (1,), CEMConfig(iterations=1))
+    assert CEMConfig(population=4, elite=0.2).n_elite == 4  # int(0.8) = 0: every member, as the release
+    with pytest.raises(T2EvalError, match="score_reported"):  # 11 iterations: checks after 1 and 11
+        run_cem(_smooth([0.5]), (1,), CEMConfig(iterations=11, population=4))
+    # a single check (iterations <= 10) forces the choice: the incumbent after iteration 1
+    rows = []
+    a, s = run_cem(_smooth([0.5]), (1,), CEMConfig(iterations=3, population=4), on_iteration=rows.append)
+    np.testing.assert_array_equal(a, rows[0]["best_alpha"])
+    assert s["selected_iteration"] == 1 and s["reported_score"] is None
+    assert s["alpha_selection"] == "α selected on the reported set"
     for bad in (dict(incumbent="x"), dict(select="valid"), dict(std_ddof=2), dict(elite_rounding="ceil")):
         with pytest.raises(T2EvalError):
             CEMConfig(**bad).check()

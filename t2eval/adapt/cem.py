@@ -12,13 +12,16 @@ index wins — and refits mean/std to the elites. Options (release default first
   member of the previous population; the initial α 1/K in the first), so it is re-evaluated, competes
   and may be an elite; the new incumbent is the best member. ``extra`` — the incumbent is
   re-evaluated *alongside* the population, competes for best but is never an elite (t2eval ≤ 2026-11).
-* ``elite_rounding``: ``floor`` — int(population · elite) elites (32 · 0.2 → 6); ``round`` — max(1, round(·)).
+* ``elite_rounding``: ``floor`` — int(population · elite) elites (32 · 0.2 → 6; 0 means every member,
+  as the release's ``argpartition(perf, -0)[-0:]`` does); ``round`` — max(1, round(·)).
 * ``std_ddof``: 1 — the unbiased std (torch.std's default, n − 1); 0 — the population std.
 * ``select`` (how the final α is chosen): ``reported`` — after iterations 1, 1 + every, 1 + 2·every, …
   (the release's 0-based ``i % test_interval == 0``, every = 10) the incumbent is scored by
   ``score_reported(α)`` on the *reported* set and the α with the highest such score so far is kept
   (first one on ties; the release never revisits iterations after the last check) — labelled
-  "α selected on the reported set"; ``shots`` — the final incumbent, chosen on the shots only.
+  "α selected on the reported set". When the run has a single check (iterations ≤ every) the
+  choice is forced (the incumbent after iteration 1) and `score_reported` may be omitted.
+  ``shots`` — the final incumbent, chosen on the shots only.
 
 Deterministic from `seed` and resumable: the state (mean, std, incumbent, selection, RNG state,
 iteration, and the search's `identity`) is written atomically after every iteration and a rerun
@@ -105,8 +108,13 @@ class CEMConfig:
     @property
     def n_elite(self) -> int:
         if self.elite_rounding == "floor":
-            return int(self.population * self.elite)
+            return int(self.population * self.elite) or self.population  # release: argpartition(x, -0)[-0:] = all
         return max(1, int(round(self.population * self.elite)))
+
+    @property
+    def n_checks(self) -> int:
+        """How many times select="reported" scores the incumbent on the reported set."""
+        return (self.iterations - 1) // self.select_every + 1 if self.select == "reported" else 0
 
 
 def _key(score: float, tie: float) -> tuple[float, float]:
@@ -192,7 +200,7 @@ def run_cem(evaluate: Evaluate, shape: Sequence[int], config: CEMConfig, state_p
     `stop_after` ends after that many iterations of THIS call (to test resuming); the state file lets
     a later call continue."""
     config.check()
-    if config.select == "reported" and score_reported is None:
+    if config.n_checks > 1 and score_reported is None:
         raise T2EvalError("CEM select='reported' (the release: the final α is the incumbent that scores best on "
                           "the reported set, checked every 10 iterations) needs score_reported(α); pass it, or "
                           "use select='shots' (the final incumbent, chosen on the shots only)")
@@ -235,10 +243,10 @@ def run_cem(evaluate: Evaluate, shape: Sequence[int], config: CEMConfig, state_p
         state.iteration += 1
         reported = None
         if config.select == "reported" and (state.iteration - 1) % config.select_every == 0:
-            reported = _reported_score(score_reported(state.best_alpha))
+            reported = None if score_reported is None else _reported_score(score_reported(state.best_alpha))
             state.checks.append({"iteration": state.iteration, "reported_score": reported,
                                  "shots_score": state.best_score})
-            if state.selected_score is None or reported > state.selected_score:
+            if state.selected_alpha is None or (reported is not None and reported > state.selected_score):
                 state.selected_alpha, state.selected_score = np.array(state.best_alpha), reported
                 state.selected_iteration = state.iteration
                 state.selected_shots_score, state.selected_shots_tie = state.best_score, state.best_tie
