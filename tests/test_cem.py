@@ -37,7 +37,8 @@ def test_cem_converges_and_respects_protocol():
         seen.append(np.array(a))
         return ev(a)
 
-    cfg = CEMConfig(iterations=15, population=32, elite=0.2, init_std=0.5, seed=1, incumbent="extra", select="shots")
+    cfg = CEMConfig(iterations=15, population=32, elite=0.2, init_std=0.5, seed=1, incumbent="extra",
+                    select="final_incumbent")
     alpha, summary = run_cem(spy, (3,), cfg)
     assert summary["complete"] and summary["iterations_done"] == 15
     first = np.stack(seen[:32])
@@ -49,7 +50,7 @@ def test_cem_converges_and_respects_protocol():
 
 
 def test_cem_per_matrix_shape_and_elite_count():
-    cfg = CEMConfig(iterations=2, population=10, elite=0.2, per="matrix", seed=0, select="shots")
+    cfg = CEMConfig(iterations=2, population=10, elite=0.2, per="matrix", seed=0, select="final_incumbent")
     assert cfg.n_elite == 2
     alpha, _ = run_cem(lambda a: (float(a.mean()), 0.0), (3, 4), cfg)
     assert alpha.shape == (3, 4)
@@ -58,14 +59,14 @@ def test_cem_per_matrix_shape_and_elite_count():
 def test_cem_ties_broken_by_loglikelihood():
     # every member scores the same; the tiebreak prefers small α[0]
     alpha, s = run_cem(lambda a: (0.5, -float(a[0])), (2,), CEMConfig(iterations=3, population=16, seed=3,
-                                                                        select="shots"))
+                                                                        select="final_incumbent"))
     assert s["best_score"] == 0.5 and s["best_tiebreak"] == -alpha[0]
     assert alpha[0] < 0.1
 
 
 def test_cem_resume_gives_same_alpha(tmp_path):
     ev = _objective([0.2, 0.8, 0.6])
-    cfg = CEMConfig(iterations=6, population=12, seed=5, select="shots")
+    cfg = CEMConfig(iterations=6, population=12, seed=5, select="final_incumbent")
     full, _ = run_cem(ev, (3,), cfg, tmp_path / "a" / "state.json", tmp_path / "a" / "log.jsonl")
     (tmp_path / "b").mkdir()
     part, s = run_cem(ev, (3,), cfg, tmp_path / "b" / "state.json", tmp_path / "b" / "log.jsonl", stop_after=2)
@@ -79,7 +80,8 @@ def test_cem_resume_gives_same_alpha(tmp_path):
                        for x in p.read_text().splitlines()]
     assert strip(tmp_path / "a" / "log.jsonl") == strip(tmp_path / "b" / "log.jsonl")
     with pytest.raises(Exception, match="other settings"):
-        run_cem(ev, (3,), CEMConfig(iterations=6, population=12, seed=6, select="shots"), tmp_path / "b" / "state.json")
+        run_cem(ev, (3,), CEMConfig(iterations=6, population=12, seed=6, select="final_incumbent"),
+                tmp_path / "b" / "state.json")
 
 
 @pytest.fixture(scope="module")
@@ -164,13 +166,13 @@ def _ranked(block, results):
 def test_release_defaults():
     cfg = CEMConfig()
     assert (cfg.population, cfg.n_elite, cfg.std_ddof, cfg.incumbent, cfg.select, cfg.select_every,
-            cfg.per, cfg.normalise) == (32, 6, 1, "member0", "reported", 10, "matrix", False)
+            cfg.per, cfg.normalise) == (32, 6, 1, "member0", "reported_set", 10, "matrix", False)
     assert CEMConfig(population=10, elite=0.25).n_elite == 2  # int(2.5): floor, as the release
     assert CEMConfig(population=10, elite=0.25, elite_rounding="round").n_elite == 2
     assert CEMConfig(population=10, elite=0.29).n_elite == 2 and CEMConfig(population=10, elite=0.29,
                                                                             elite_rounding="round").n_elite == 3
     with pytest.raises(T2EvalError, match="at least 2"):  # int(5 · 0.2) = 1 elite: no unbiased std
-        run_cem(_smooth([0.5]), (1,), CEMConfig(population=5, elite=0.2, select="shots"))
+        run_cem(_smooth([0.5]), (1,), CEMConfig(population=5, elite=0.2, select="final_incumbent"))
     assert CEMConfig(population=4, elite=0.2).n_elite == 4  # int(0.8) = 0: every member, as the release
     with pytest.raises(T2EvalError, match="score_reported"):  # 11 iterations: checks after 1 and 11
         run_cem(_smooth([0.5]), (1,), CEMConfig(iterations=11, population=4))
@@ -195,7 +197,7 @@ def test_member0_is_the_incumbent_and_can_be_elite():
         results.append(ev(a))
         return results[-1]
 
-    cfg = CEMConfig(iterations=T, population=P, elite=0.25, seed=2, per="vector", select="shots")
+    cfg = CEMConfig(iterations=T, population=P, elite=0.25, seed=2, per="vector", select="final_incumbent")
     alpha, s = run_cem(spy, (K,), cfg, on_iteration=rows.append)
     assert len(seen) == T * P  # no extra evaluations: the incumbent is one of the P members
     np.testing.assert_array_equal(seen[0], np.full(K, 1 / K))  # iteration 1: member 0 = the initial α
@@ -227,7 +229,7 @@ def test_elite_std_is_torchs_unbiased_std(tmp_path):
         results.append(ev(a))
         return results[-1]
 
-    cfg = CEMConfig(iterations=1, population=32, seed=4, per="vector", select="shots")
+    cfg = CEMConfig(iterations=1, population=32, seed=4, per="vector", select="final_incumbent")
     run_cem(spy, (4,), cfg, tmp_path / "state.json")
     st = json.loads((tmp_path / "state.json").read_text())
     order = _ranked(seen, results)
@@ -263,7 +265,7 @@ def test_select_on_reported_set_every_10_iterations(tmp_path):
     # the best on the reported set (0.7, iteration 11) is kept, not the final incumbent
     np.testing.assert_array_equal(alpha, calls[1])
     assert not np.array_equal(alpha, rows[-1]["best_alpha"])
-    assert s["selected_iteration"] == 11 and s["reported_score"] == 0.7 and s["select"] == "reported"
+    assert s["selected_iteration"] == 11 and s["reported_score"] == 0.7 and s["select"] == "reported_set"
     assert s["alpha_selection"] == "α selected on the reported set"
     assert s["best_score"] == rows[10]["best_score"]  # the shots score of the returned α
     assert [c["reported_score"] for c in s["reported_checks"]] == [0.3, 0.7, 0.5]
@@ -281,7 +283,7 @@ def test_select_on_reported_set_every_10_iterations(tmp_path):
 def test_select_shots_returns_final_incumbent():
     ev = _smooth([0.9, 0.1, 0.5])
     calls, rows = [], []
-    cfg = CEMConfig(iterations=25, population=8, elite=0.25, seed=7, per="vector", select="shots")
+    cfg = CEMConfig(iterations=25, population=8, elite=0.25, seed=7, per="vector", select="final_incumbent")
     alpha, s = run_cem(ev, (3,), cfg, on_iteration=rows.append,
                        score_reported=_reported_schedule([0.3, 0.7, 0.5], calls))
     assert calls == []  # the reported set is never looked at
@@ -321,7 +323,7 @@ def test_changed_identity_restarts_the_search(tmp_path):
         n[0] += 1
         return ev(a)
 
-    cfg = CEMConfig(iterations=3, population=8, elite=0.25, seed=1, per="vector", select="shots")
+    cfg = CEMConfig(iterations=3, population=8, elite=0.25, seed=1, per="vector", select="final_incumbent")
     ident = {"experts": [["math", "aa"], ["code", "bb"]], "model_sha256": "m", "task": "math"}
     a1, s1 = run_cem(counting, (3,), cfg, tmp_path / "state.json", tmp_path / "log.jsonl", identity=ident)
     assert n[0] == 24 and s1["restarted"] is None
@@ -366,7 +368,7 @@ def test_search_identity_hashes_inputs_and_expert_change_restarts(tiny_setup, tm
         calls[0] += 1
         return -float(np.abs(a - 0.5).sum()), 0.0
 
-    cfg = CEMConfig(iterations=2, population=4, elite=0.5, seed=3, per="vector", select="shots")
+    cfg = CEMConfig(iterations=2, population=4, elite=0.5, seed=3, per="vector", select="final_incumbent")
     a1, _ = run_cem(ev, (3,), cfg, tmp_path / "st.json", identity=ident)
     assert calls[0] == 8
     # retrain (re-save) the code expert with other values: the saved state must not be reused

@@ -15,13 +15,13 @@ index wins — and refits mean/std to the elites. Options (release default first
 * ``elite_rounding``: ``floor`` — int(population · elite) elites (32 · 0.2 → 6; 0 means every member,
   as the release's ``argpartition(perf, -0)[-0:]`` does); ``round`` — max(1, round(·)).
 * ``std_ddof``: 1 — the unbiased std (torch.std's default, n − 1); 0 — the population std.
-* ``select`` (how the final α is chosen): ``reported`` — after iterations 1, 1 + every, 1 + 2·every, …
+* ``select`` (how the final α is chosen): ``reported_set`` — after iterations 1, 1 + every, 1 + 2·every, …
   (the release's 0-based ``i % test_interval == 0``, every = 10) the incumbent is scored by
   ``score_reported(α)`` on the *reported* set and the α with the highest such score so far is kept
   (first one on ties; the release never revisits iterations after the last check) — labelled
   "α selected on the reported set". When the run has a single check (iterations ≤ every) the
   choice is forced (the incumbent after iteration 1) and `score_reported` may be omitted.
-  ``shots`` — the final incumbent, chosen on the shots only.
+  ``final_incumbent`` — the final incumbent, chosen on the shots only.
 
 Deterministic from `seed` and resumable: the state (mean, std, incumbent, selection, RNG state,
 iteration, and the search's `identity`) is written atomically after every iteration and a rerun
@@ -55,15 +55,15 @@ ScoreReported = Callable[[np.ndarray], Any]  # α -> score (a float, or a tuple 
 
 INCUMBENT_MODES = ("member0", "extra")
 ELITE_ROUNDING = ("floor", "round")
-SELECT_RULES = ("reported", "shots")
-SELECTION_LABELS = {"reported": "α selected on the reported set",
-                    "shots": "α selected on the shots only (final incumbent)"}
+SELECT_RULES = ("reported_set", "final_incumbent")
+SELECTION_LABELS = {"reported_set": "α selected on the reported set",
+                    "final_incumbent": "α selected on the shots only (final incumbent)"}
 
 
 def selection_label(select: str) -> str:
     """The label result cells and tables carry for the α-selection rule `select`."""
     if select not in SELECTION_LABELS:
-        raise T2EvalError(f"select={select!r}: use 'reported' (the release) or 'shots' (corrected)")
+        raise T2EvalError(f"select={select!r}: use 'reported_set' (the release) or 'final_incumbent' (corrected)")
     return SELECTION_LABELS[select]
 
 
@@ -80,7 +80,7 @@ class CEMConfig:
     incumbent: str = "member0"   # member0 (release) | extra
     elite_rounding: str = "floor"  # floor (release: int(population*elite)) | round
     std_ddof: int = 1            # 1 (release: torch.std, unbiased) | 0
-    select: str = "reported"     # reported (release: best incumbent on the reported set) | shots (final incumbent)
+    select: str = "reported_set"  # reported_set (release) | final_incumbent (corrected: chosen on the shots)
     select_every: int = 10       # release: test_interval = 10
 
     def check(self) -> None:
@@ -113,8 +113,8 @@ class CEMConfig:
 
     @property
     def n_checks(self) -> int:
-        """How many times select="reported" scores the incumbent on the reported set."""
-        return (self.iterations - 1) // self.select_every + 1 if self.select == "reported" else 0
+        """How many times select="reported_set" scores the incumbent on the reported set."""
+        return (self.iterations - 1) // self.select_every + 1 if self.select == "reported_set" else 0
 
 
 def _key(score: float, tie: float) -> tuple[float, float]:
@@ -196,14 +196,14 @@ def run_cem(evaluate: Evaluate, shape: Sequence[int], config: CEMConfig, state_p
             stop_after: int | None = None, score_reported: ScoreReported | None = None,
             identity: Mapping | None = None) -> tuple[np.ndarray, dict]:
     """Search α; returns (α, summary). `score_reported(α)` scores an α on the reported set (needed for
-    ``select="reported"``); `identity` identifies the search inputs (:func:`search_identity`).
+    ``select="reported_set"``); `identity` identifies the search inputs (:func:`search_identity`).
     `stop_after` ends after that many iterations of THIS call (to test resuming); the state file lets
     a later call continue."""
     config.check()
     if config.n_checks > 1 and score_reported is None:
-        raise T2EvalError("CEM select='reported' (the release: the final α is the incumbent that scores best on "
+        raise T2EvalError("CEM select='reported_set' (the release: the final α is the incumbent that scores best on "
                           "the reported set, checked every 10 iterations) needs score_reported(α); pass it, or "
-                          "use select='shots' (the final incumbent, chosen on the shots only)")
+                          "use select='final_incumbent' (the final incumbent, chosen on the shots only)")
     shape = tuple(int(s) for s in shape)
     K = shape[0]
     init_alpha = np.full(shape, 1.0 / K)
@@ -242,7 +242,7 @@ def run_cem(evaluate: Evaluate, shape: Sequence[int], config: CEMConfig, state_p
         scores = np.array([r[0] for r in results])
         state.iteration += 1
         reported = None
-        if config.select == "reported" and (state.iteration - 1) % config.select_every == 0:
+        if config.select == "reported_set" and (state.iteration - 1) % config.select_every == 0:
             reported = None if score_reported is None else _reported_score(score_reported(state.best_alpha))
             state.checks.append({"iteration": state.iteration, "reported_score": reported,
                                  "shots_score": state.best_score})
@@ -276,7 +276,7 @@ def _result(state: CEMState, config: CEMConfig, restarted: str | None) -> tuple[
                "alpha_selection": selection_label(config.select), "select": config.select,
                "final_incumbent_score": state.best_score, "final_incumbent_tiebreak": state.best_tie,
                "restarted": restarted}
-    if config.select == "reported" and state.selected_alpha is not None:
+    if config.select == "reported_set" and state.selected_alpha is not None:
         alpha = state.selected_alpha
         summary.update(best_score=state.selected_shots_score, best_tiebreak=state.selected_shots_tie,
                        selected_iteration=state.selected_iteration, reported_score=state.selected_score,
@@ -284,7 +284,7 @@ def _result(state: CEMState, config: CEMConfig, restarted: str | None) -> tuple[
     else:
         alpha = state.best_alpha if state.best_alpha is not None else state.mean
         summary.update(best_score=state.best_score, best_tiebreak=state.best_tie,
-                       selected_iteration=state.iteration if config.select == "shots" else None,
+                       selected_iteration=state.iteration if config.select == "final_incumbent" else None,
                        reported_score=None, reported_checks=list(state.checks))
     return alpha, summary
 
@@ -355,7 +355,7 @@ def member_evaluator(backend, task, docs: Sequence[dict], mix: Callable[[np.ndar
 
 def reported_evaluator(backend, task, docs: Sequence[dict], mix: Callable[[np.ndarray], dict],
                        family: str | None = None, max_new_tokens: int | None = None) -> ScoreReported:
-    """`score_reported(α)` for ``select="reported"``: the fraction of the reported-set `docs` solved
+    """`score_reported(α)` for ``select="reported_set"``: the fraction of the reported-set `docs` solved
     under the α-mixture (greedy, the task's scorer; no tiebreak — the release compares accuracy only)."""
     ev = member_evaluator(backend, task, docs, mix, family, max_new_tokens, tiebreak=False)
     return lambda alpha: ev(alpha)[0]
