@@ -9,7 +9,27 @@ backends only ever see per-matrix *scales* s with W′ = U diag(σ ⊙ s) Vᵀ, 
   (If Σ(σ ⊙ m) is exactly 0 — only possible for an all-zero mixture α — s = 1, the base weights.)
 * ``paper``: s = z, i.e. W′ = U diag(σ ⊙ z) Vᵀ, so z = 1 gives W′ = W.
 
-All arithmetic is fp32 (fp64 if the inputs are fp64); W′ is cast to the model dtype at the end.
+Few-shot mixtures (PROTOCOL §6.3, §8), option ``mix_space`` of :func:`mix_scales`:
+
+* ``raw_z`` (default, the released code): m = Σ_k α_k z_k, the *raw* z vectors, used directly as the
+  multiplier (no sigmoid), then the σ-mass rescale: s = m · Σσ / Σ(σ ⊙ m).
+* ``mask`` (the corrected alternative): m = Σ_k α_k sigmoid(z_k), then the same rescale, so a
+  one-hot α gives exactly that expert's scales.
+
+For ``paper`` experts both are z′ = Σ_k α_k z_k (there is no sigmoid and no rescale).
+
+Precision, option ``precision`` (``svf_precision`` in the workflow; PROTOCOL §8):
+
+* ``fp32`` (default): all arithmetic in fp32 (fp64 if the inputs are fp64); W′ is cast to the
+  model dtype once at the end.
+* ``bf16`` (the released code): z, U, σ, V are cast to bf16 and every step is a bf16 op, as the
+  release does on GPU: d = σ ⊙ m, A = U diag(d) (one rounding per entry), W′ = A Vᵀ (bf16 matmul),
+  and for ``code`` the mass factor c = Σσ / Σ(σ ⊙ m) (bf16 sums and division) multiplies W′ after
+  the product (release order: ``(U @ diag(S*m) @ V.T) * (S.sum() / (S*m).sum())``).
+  :class:`SVFModule` (training) and :func:`functional_weights` follow that order exactly and hold z
+  as a bf16 parameter (so Adam's states are bf16). The *scales* interface the backends take
+  (W′ = U diag(σ ⊙ s) Vᵀ) folds c into s in bf16 (s = m·c rounded to bf16), so backend compositions
+  in bf16 can differ from the release's by bf16 rounding (≤ 1 ulp per step), not more.
 """
 
 from __future__ import annotations
@@ -33,6 +53,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "t2eval-svf-expert/1"
 PARAMS = ("code", "paper")
+MIX_SPACES = ("raw_z", "mask")       # few-shot mixing: release (raw z) | corrected (post-sigmoid masks)
+PRECISIONS = ("fp32", "bf16")        # W′ composition: fp32 | release (bf16 factors, bf16 ops)
 
 
 def _check_param(param: str) -> str:
@@ -41,7 +63,22 @@ def _check_param(param: str) -> str:
     return param
 
 
-def _cdtype(t: torch.Tensor) -> torch.dtype:
+def _check_mix_space(mix_space: str) -> str:
+    if mix_space not in MIX_SPACES:
+        raise T2EvalError(f"mix_space={mix_space!r}: use 'raw_z' (the release: Σ α_k z_k as the multiplier) "
+                          "or 'mask' (Σ α_k sigmoid(z_k), the corrected mixture)")
+    return mix_space
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise T2EvalError(f"svf precision {precision!r}: use 'fp32' or 'bf16' (the release: bf16 z and factors)")
+    return precision
+
+
+def _cdtype(t: torch.Tensor, precision: str = "fp32") -> torch.dtype:
+    if precision == "bf16":
+        return torch.bfloat16
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -174,17 +211,23 @@ def _param_of(expert: ZLike, param: str | None) -> str:
 
 # --------------------------------------------------------------------------- scales
 
-def _code_rescale(m: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+def _mass_factor(m: torch.Tensor, S: torch.Tensor) -> torch.Tensor | None:
+    """c = Σσ / Σ(σ ⊙ m) in m's dtype (None when Σ(σ ⊙ m) is exactly 0: use the base weights)."""
     S = S.to(device=m.device, dtype=m.dtype)
     mass = (S * m).sum()
     if not mass.requires_grad and mass.item() == 0.0:
-        return torch.ones_like(m)
-    return m * (S.sum() / mass)
+        return None
+    return S.sum() / mass
 
 
-def scale_vector(z: torch.Tensor, S: torch.Tensor, param: str = "code") -> torch.Tensor:
-    """s for one matrix (differentiable in z)."""
-    z = z.to(_cdtype(z))
+def _code_rescale(m: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    c = _mass_factor(m, S)
+    return torch.ones_like(m) if c is None else m * c
+
+
+def scale_vector(z: torch.Tensor, S: torch.Tensor, param: str = "code", precision: str = "fp32") -> torch.Tensor:
+    """s for one matrix (differentiable in z); computed in bf16 for precision="bf16"."""
+    z = z.to(_cdtype(z, _check_precision(precision)))
     if param == "paper":
         return z
     if param == "code":
@@ -192,27 +235,79 @@ def scale_vector(z: torch.Tensor, S: torch.Tensor, param: str = "code") -> torch
     _check_param(param)
 
 
-def scales(expert: ZLike, svd: SVDCache, param: str | None = None,
-           allow_cross_model: bool = False) -> dict[str, torch.Tensor]:
+def _out(s: torch.Tensor) -> torch.Tensor:
+    """Scales leave this module as fp32 (bf16 values are exact in fp32)."""
+    return s.float()
+
+
+def scales(expert: ZLike, svd: SVDCache, param: str | None = None, allow_cross_model: bool = False,
+           precision: str = "fp32") -> dict[str, torch.Tensor]:
     """name -> fp32 scale vector s for one expert (ExpertVector or z dict)."""
     param = _param_of(expert, param)
     z = check_compatible(expert, svd, allow_cross_model)
     with torch.no_grad():
-        return {n: scale_vector(z[n].detach(), svd.S[n], param).float() for n in ordered_names(z)}
+        return {n: _out(scale_vector(z[n].detach(), svd.S[n], param, precision)) for n in ordered_names(z)}
+
+
+def mix_alpha(alpha, K: int, n_matrices: int, per: str = "vector", normalise: bool = False) -> torch.Tensor:
+    """α as a (K, n_matrices) fp64 tensor: per="vector" (K,) is broadcast to every matrix, per="matrix"
+    must already be (K, n_matrices); `normalise` divides each column by its sum (zero columns stay 0)."""
+    a = torch.as_tensor(alpha, dtype=torch.float64).detach().cpu()
+    if per == "vector":
+        if a.shape != (K,):
+            raise T2EvalError(f"per-vector alpha must have shape ({K},), got {tuple(a.shape)}")
+        a = a[:, None].expand(K, n_matrices)
+    elif per == "matrix":
+        if a.shape != (K, n_matrices):
+            raise T2EvalError(f"per-matrix alpha must have shape ({K}, {n_matrices}) (experts × matrices "
+                              f"in canonical order), got {tuple(a.shape)}")
+    else:
+        raise T2EvalError(f"per must be 'vector' or 'matrix', not {per!r}")
+    if normalise:
+        tot = a.sum(0, keepdim=True)
+        a = torch.where(tot != 0, a / torch.where(tot != 0, tot, torch.ones_like(tot)), a)
+    return a
+
+
+def mix_vector(vecs: Sequence[torch.Tensor], alpha: Sequence[float], S: torch.Tensor | None, param: str = "code",
+               mix_space: str = "raw_z", precision: str = "fp32") -> torch.Tensor:
+    """The mixed scale vector of ONE matrix from the experts' z vectors `vecs` and weights `alpha`.
+
+    code + raw_z: m = Σ_k α_k z_k; code + mask: m = Σ_k α_k sigmoid(z_k); both then s = m·Σσ/Σ(σ ⊙ m)
+    (s = 1 if Σ(σ ⊙ m) = 0, i.e. α = 0). paper: s = Σ_k α_k z_k. The sum runs k = 0, 1, … in that
+    order; for precision="bf16" the z are bf16 and each product and partial sum is rounded to bf16
+    (α itself enters as fp32, as the release's fp32 α times its bf16 z)."""
+    _check_mix_space(mix_space)
+    _check_precision(precision)
+    parts = [v.to(_cdtype(v, precision)) for v in vecs]
+    if param == "code" and mix_space == "mask":
+        parts = [torch.sigmoid(v) for v in parts]
+    coef = [float(torch.tensor(float(a), dtype=torch.float32)) if precision == "bf16" else float(a) for a in alpha]
+    acc = parts[0] * coef[0]
+    for k in range(1, len(parts)):
+        acc = acc + parts[k] * coef[k]
+    if param == "code":
+        return _code_rescale(acc, S)
+    _check_param(param)
+    return acc
 
 
 def mix_scales(experts: Sequence[ZLike], alpha, svd: SVDCache, param: str | None = None,
-               per: str = "vector", normalise: bool = False,
-               allow_cross_model: bool = False) -> dict[str, torch.Tensor]:
-    """Scales of the mixture Σ_k α_k · expert_k (PROTOCOL §6 few-shot).
+               per: str = "vector", normalise: bool = False, allow_cross_model: bool = False,
+               mix_space: str = "raw_z", precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """Scales of the mixture Σ_k α_k · expert_k (PROTOCOL §6.3, §8 few-shot); see :func:`mix_vector`.
 
-    code: m′ = Σ_k α_k sigmoid(z_k), then the σ-mass rescale; paper: z′ = Σ_k α_k z_k.
-    `alpha`: shape (K,) for per="vector", (K, n_matrices) for per="matrix" with the matrices in
-    canonical order (:func:`t2eval.svd.ordered_names` of the experts' names). `normalise` divides
-    each column by its sum (all-zero columns stay zero).
+    `mix_space`: ``raw_z`` (default, the release: raw z used directly as the multiplier, then the
+    σ-mass rescale) or ``mask`` (corrected: post-sigmoid masks). `alpha`: shape (K,) for
+    per="vector", (K, n_matrices) for per="matrix" (one α per expert and matrix, the release's
+    per-layer α) with the matrices in canonical order (:func:`t2eval.svd.ordered_names` of the
+    experts' names). `normalise` divides each column by its sum (all-zero columns stay zero; the
+    release does not normalise).
     """
     if not experts:
         raise T2EvalError("mix_scales needs at least one expert")
+    _check_mix_space(mix_space)
+    _check_precision(precision)
     params = {_param_of(e, param) for e in experts}
     if len(params) != 1:
         raise T2EvalError(f"cannot mix experts trained with different parameterisations {sorted(params)}")
@@ -222,31 +317,10 @@ def mix_scales(experts: Sequence[ZLike], alpha, svd: SVDCache, param: str | None
     for k, z in enumerate(zs[1:], 1):
         if set(z) != set(names):
             raise T2EvalError(f"expert {k} targets other matrices than expert 0; mix experts of one target set")
-    a = torch.as_tensor(alpha, dtype=torch.float64).detach().cpu()
-    K = len(experts)
-    if per == "vector":
-        if a.shape != (K,):
-            raise T2EvalError(f"per-vector alpha must have shape ({K},), got {tuple(a.shape)}")
-        a = a[:, None].expand(K, len(names))
-    elif per == "matrix":
-        if a.shape != (K, len(names)):
-            raise T2EvalError(f"per-matrix alpha must have shape ({K}, {len(names)}) (experts × matrices "
-                              f"in canonical order), got {tuple(a.shape)}")
-    else:
-        raise T2EvalError(f"per must be 'vector' or 'matrix', not {per!r}")
-    if normalise:
-        tot = a.sum(0, keepdim=True)
-        a = torch.where(tot != 0, a / torch.where(tot != 0, tot, torch.ones_like(tot)), a)
-    out = {}
+    a = mix_alpha(alpha, len(experts), len(names), per, normalise)
     with torch.no_grad():
-        for j, n in enumerate(names):
-            vecs = [z[n].to(_cdtype(z[n])) for z in zs]
-            parts = [torch.sigmoid(v) for v in vecs] if param == "code" else vecs
-            acc = float(a[0, j]) * parts[0]
-            for k in range(1, K):
-                acc = acc + float(a[k, j]) * parts[k]
-            out[n] = (_code_rescale(acc, svd.S[n]) if param == "code" else acc).float()
-    return out
+        return {n: _out(mix_vector([z[n] for z in zs], a[:, j].tolist(), svd.S[n], param, mix_space, precision))
+                for j, n in enumerate(names)}
 
 
 def shuffle_sigma(z: ZLike, seed: int) -> ZLike:
@@ -271,21 +345,48 @@ def shuffle_sigma(z: ZLike, seed: int) -> ZLike:
 # --------------------------------------------------------------------------- composition
 
 def compose(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, s: torch.Tensor | None,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W′ = U diag(σ ⊙ s) Vᵀ computed in fp32 (fp64 for fp64 inputs), then cast to `dtype`."""
-    ct = _cdtype(U)
+            dtype: torch.dtype | None = None, precision: str = "fp32",
+            post_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """W′ = U diag(σ ⊙ s) Vᵀ (· post_scale), then cast to `dtype`.
+
+    precision="fp32": computed in fp32 (fp64 for fp64 inputs). precision="bf16" (the release): U, σ,
+    V, s and post_scale are cast to bf16 and each step is a bf16 op: d = σ ⊙ s, A = U ⊙ d (= U diag(d)),
+    W′ = A Vᵀ (bf16 matmul), W′ · post_scale. `post_scale` (a scalar) is how the release applies the
+    σ-mass factor, after the product; with post_scale=None the factor is expected inside `s`.
+    """
+    ct = _cdtype(U, _check_precision(precision))
     sig = S.to(ct)
     if s is not None:
         sig = sig * s.to(device=S.device, dtype=ct)
     W = (U.to(ct) * sig) @ V.to(ct).T
+    if post_scale is not None:
+        W = W * post_scale.to(device=W.device, dtype=ct)
     return W if dtype is None else W.to(dtype)
 
 
-def functional_weights(z: Mapping[str, torch.Tensor], svd: SVDCache, param: str = "code",
-                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """name -> W′(z), differentiable in z (for torch.func.functional_call)."""
+def compose_z(z: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, param: str = "code",
+              precision: str = "fp32", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W′(z) for one matrix, differentiable in z. fp32: compose(U, S, V, scale_vector(z)). bf16: the
+    release's order — m = sigmoid(z) in bf16, W′ = (U diag(σ ⊙ m) Vᵀ) · (Σσ / Σ(σ ⊙ m)) ('code'),
+    W′ = U diag(σ ⊙ z) Vᵀ ('paper'), every op in bf16."""
     _check_param(param)
-    return {n: compose(*svd.usv(n), scale_vector(z[n], svd.S[n], param), dtype) for n in ordered_names(z)}
+    if _check_precision(precision) == "fp32":
+        return compose(U, S, V, scale_vector(z, S, param), dtype)
+    zb = z.to(torch.bfloat16)
+    if param == "paper":
+        return compose(U, S, V, zb, dtype, "bf16")
+    m = torch.sigmoid(zb)
+    c = _mass_factor(m, S.to(m.device))
+    if c is None:
+        return compose(U, S, V, torch.ones_like(m), dtype, "bf16")
+    return compose(U, S, V, m, dtype, "bf16", post_scale=c)
+
+
+def functional_weights(z: Mapping[str, torch.Tensor], svd: SVDCache, param: str = "code",
+                       dtype: torch.dtype | None = None, precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """name -> W′(z), differentiable in z (for torch.func.functional_call); see :func:`compose_z`."""
+    _check_param(param)
+    return {n: compose_z(z[n], *svd.usv(n), param=param, precision=precision, dtype=dtype) for n in ordered_names(z)}
 
 
 class SVFPatcher:
@@ -295,11 +396,14 @@ class SVFPatcher:
     and restores any matrix patched before but absent now; ``apply(None)`` / ``restore()`` copy the
     saved original tensors back (bitwise identical). Originals are cloned on first patch to
     `backup_device` (default: the parameter's own device). Usable as a context manager
-    (restores on exit). Returns seconds spent, for the backends' swap timing.
+    (restores on exit). Returns seconds spent, for the backends' swap timing. `precision`: how W′
+    is composed (:func:`compose`; "bf16" = the release's bf16 factors and ops).
     """
 
-    def __init__(self, model: torch.nn.Module, svd: SVDCache, backup_device: str | torch.device | None = None):
+    def __init__(self, model: torch.nn.Module, svd: SVDCache, backup_device: str | torch.device | None = None,
+                 precision: str = "fp32"):
         self.model, self.svd, self.backup_device = model, svd, backup_device
+        self.precision = _check_precision(precision)
         self._params = dict(model.named_parameters())
         self._orig: dict[str, torch.Tensor] = {}
         self._patched: set[str] = set()
@@ -328,7 +432,7 @@ class SVFPatcher:
                 raise T2EvalError(f"SVD factors of {n} give {U.shape[0]}×{V.shape[0]}, the model has {tuple(p.shape)}")
             if n not in self._orig:
                 self._orig[n] = p.detach().to(self.backup_device or p.device, copy=True)
-            p.copy_(compose(U, S, V, s, p.dtype))
+            p.copy_(compose(U, S, V, s, p.dtype, self.precision))
             self._patched.add(n)
         return time.perf_counter() - t0
 
@@ -372,13 +476,19 @@ class SVFModule(torch.nn.Module):
     the chain rule dL/dz = Σ_batches (∂W′/∂z)ᵀ G_b = (∂W′/∂z)ᵀ Σ_b G_b, this equals end-to-end
     autograd (tested), at the cost of 2 compositions + 1 backward per step instead of per micro-batch.
     For generation (rollouts) use :class:`SVFPatcher` with :meth:`scales`.
+
+    ``precision="bf16"`` (the release, PROTOCOL §8): z is a bf16 parameter (so an optimizer's state,
+    e.g. Adam's moments, is bf16 too) and W′ is composed in bf16 from bf16 factors in the release's
+    order (:func:`compose_z`); rollouts then need ``SVFPatcher(..., precision="bf16")`` /
+    the backend's bf16 composition with :meth:`scales`. :meth:`expert` saves z as fp32 (exact).
     """
 
     def __init__(self, model: torch.nn.Module, svd: SVDCache, z_init: ZLike, param: str = "code",
-                 allow_cross_model: bool = False):
+                 allow_cross_model: bool = False, precision: str = "fp32"):
         super().__init__()
         self.__dict__["model"] = model  # not a submodule: its parameters are not ours to train
         self.svd = svd
+        self.precision = _check_precision(precision)
         self.param = _param_of(z_init, param) if isinstance(z_init, ExpertVector) else _check_param(param)
         z = check_compatible(z_init, svd, allow_cross_model)
         self.names = ordered_names(z)
@@ -386,7 +496,7 @@ class SVFModule(torch.nn.Module):
         params = dict(model.named_parameters())
         self._dtypes = {n: params[n].dtype for n in self.names}
         self._devices = {n: params[n].device for n in self.names}
-        self.z = torch.nn.ParameterList([torch.nn.Parameter(z[n].detach().clone().to(_cdtype(z[n])))
+        self.z = torch.nn.ParameterList([torch.nn.Parameter(z[n].detach().clone().to(_cdtype(z[n], precision)))
                                          for n in self.names])
         self._leaves: dict[str, torch.Tensor] | None = None
 
@@ -394,11 +504,11 @@ class SVFModule(torch.nn.Module):
         return dict(zip(self.names, self.z))
 
     def weights(self) -> dict[str, torch.Tensor]:
-        W = functional_weights(self.z_dict(), self.svd, self.param)
+        W = functional_weights(self.z_dict(), self.svd, self.param, precision=self.precision)
         return {n: w.to(device=self._devices[n], dtype=self._dtypes[n]) for n, w in W.items()}
 
     def scales(self) -> dict[str, torch.Tensor]:
-        return scales(self.z_dict(), self.svd, self.param)
+        return scales(self.z_dict(), self.svd, self.param, precision=self.precision)
 
     def forward(self, *args, **kwargs):
         W = self._leaves if self._leaves is not None else self.weights()

@@ -148,27 +148,28 @@ def test_compose_once_accumulation_equals_end_to_end(tiny, cache, model):
 
 @pytest.mark.parametrize("param", ["code", "paper"])
 def test_mixture_one_hot_and_linearity(cache, param):
+    """The corrected (mask-space) mixture: a one-hot α gives exactly that expert's scales."""
     zs = [svf.init_z(cache, seed=k, std=0.5) for k in range(3)]
     single = [svf.scales(z, cache, param) for z in zs]
     for k in range(3):
         a = torch.zeros(3)
         a[k] = 1
-        mixed = svf.mix_scales(zs, a, cache, param)
+        mixed = svf.mix_scales(zs, a, cache, param, mix_space="mask")
         am = torch.zeros(3, len(cache))
         am[k] = 1
-        mixed_m = svf.mix_scales(zs, am, cache, param, per="matrix")
+        mixed_m = svf.mix_scales(zs, am, cache, param, per="matrix", mix_space="mask")
         for n in cache.names:
             assert torch.equal(mixed[n], single[k][n]) and torch.equal(mixed_m[n], single[k][n])
     # per matrix: a different expert for each matrix, in canonical order
     am = torch.zeros(3, len(cache))
     am[torch.arange(len(cache)) % 3, torch.arange(len(cache))] = 1
-    mm = svf.mix_scales(zs, am, cache, param, per="matrix")
+    mm = svf.mix_scales(zs, am, cache, param, per="matrix", mix_space="mask")
     for j, n in enumerate(cache.names):
         assert torch.equal(mm[n], single[j % 3][n])
     # normalise: α and 2α give the same mixture; the mixture is in mask space (code) / z space (paper)
     a = torch.tensor([0.2, 0.5, 0.3])
-    m1 = svf.mix_scales(zs, a, cache, param)
-    m2 = svf.mix_scales(zs, 2 * a, cache, param, normalise=True)
+    m1 = svf.mix_scales(zs, a, cache, param, mix_space="mask")
+    m2 = svf.mix_scales(zs, 2 * a, cache, param, normalise=True, mix_space="mask")
     n = cache.names[0]
     assert torch.allclose(m1[n], m2[n], atol=1e-6)
     if param == "paper":
@@ -176,6 +177,8 @@ def test_mixture_one_hot_and_linearity(cache, param):
     else:
         mask = sum(a[k] * torch.sigmoid(zs[k][n]) for k in range(3))
         assert torch.allclose(m1[n], mask * cache.S[n].sum() / (cache.S[n] * mask).sum(), atol=1e-6)
+        assert torch.equal(svf.mix_scales(zs, torch.zeros(3), cache, param, mix_space="mask")[n],
+                           torch.ones(cache.rank(n)))
         assert torch.equal(svf.mix_scales(zs, torch.zeros(3), cache, param)[n], torch.ones(cache.rank(n)))
     with pytest.raises(T2EvalError, match="shape"):
         svf.mix_scales(zs, torch.ones(3, 2), cache, param, per="matrix")
@@ -229,3 +232,156 @@ def test_cross_model_refusal(cache, tmp_path):
     bad = {n: torch.zeros(v.numel() + 1) for n, v in ev.z.items()}
     with pytest.raises(T2EvalError, match="does not fit"):
         svf.scales(bad, cache)
+
+
+# --------------------------------------------------------------------------- release mixing (PROTOCOL §6.3, §8)
+
+def _sig(x):
+    import math
+
+    return 1 / (1 + math.exp(-x))
+
+
+def test_mix_space_hand_computed():
+    """Two experts, one matrix with σ = (3, 1), α = (0.5, 0.25), computed by hand."""
+    z1, z2, S = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 1.0]), torch.tensor([3.0, 1.0])
+    # release: m = 0.5·z1 + 0.25·z2 = (0.75, -0.25); Σσ = 4, Σσm = 2.25 - 0.25 = 2 → s = 2m
+    raw = svf.mix_vector([z1, z2], [0.5, 0.25], S, "code", "raw_z")
+    assert raw.tolist() == [1.5, -0.5]
+    # corrected: m = 0.5·sigmoid(z1) + 0.25·sigmoid(z2), then the same mass rescale
+    m = [0.5 * _sig(0.5) + 0.25 * _sig(2.0), 0.5 * _sig(-1.0) + 0.25 * _sig(1.0)]
+    c = 4 / (3 * m[0] + 1 * m[1])
+    mask = svf.mix_vector([z1, z2], [0.5, 0.25], S, "code", "mask")
+    assert mask.tolist() == pytest.approx([m[0] * c, m[1] * c], rel=1e-6)
+    assert mask.tolist() == pytest.approx([1.1120539, 0.6638382], rel=1e-6)
+    # paper experts: z space either way, no rescale
+    for space in svf.MIX_SPACES:
+        assert svf.mix_vector([z1, z2], [0.5, 0.25], S, "paper", space).tolist() == [0.75, -0.25]
+    # all-zero α: the base weights (s = 1) instead of 0/0
+    assert svf.mix_vector([z1, z2], [0.0, 0.0], S, "code", "raw_z").tolist() == [1.0, 1.0]
+    with pytest.raises(T2EvalError, match="mix_space"):
+        svf.mix_vector([z1, z2], [0.5, 0.25], S, "code", "sigmoid")
+
+
+def test_mix_scales_release_default_is_raw_z_per_matrix(cache):
+    """mix_scales defaults to the release rule: raw z, per-matrix α, not normalised."""
+    zs = [svf.init_z(cache, seed=k, std=0.5) for k in range(3)]
+    names = cache.names
+    a = torch.rand(3, len(names), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = svf.mix_scales(zs, a, cache, "code", per="matrix")
+    for j, n in enumerate(names):
+        m = sum(a[k, j] * zs[k][n].double() for k in range(3))
+        S = cache.S[n].double()
+        want = m * S.sum() / (S * m).sum()
+        assert torch.allclose(got[n].double(), want, rtol=1e-5, atol=1e-6), n
+    # a one-hot raw-z mixture is NOT the expert itself (the release's quirk): it uses z, not sigmoid(z)
+    one = svf.mix_scales(zs, torch.tensor([1.0, 0.0, 0.0]), cache, "code")
+    single = svf.scales(zs[0], cache, "code")
+    n = names[0]
+    assert not torch.allclose(one[n], single[n], atol=1e-3)
+    z0 = zs[0][n]
+    assert torch.allclose(one[n], z0 * cache.S[n].sum() / (cache.S[n] * z0).sum(), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- bf16 precision (PROTOCOL §8)
+
+def _rbf16(x: float) -> float:
+    """Round a float (exact in fp64) to the nearest bf16 (8 significant bits, ties to even), by hand."""
+    import math
+
+    if x == 0:
+        return 0.0
+    _, e = math.frexp(x)             # x = f·2^e, 0.5 <= |f| < 1
+    q = 2.0 ** (e - 8)               # spacing of 8-bit significands in this binade
+    return round(x / q) * q          # Python round(): half to even
+
+
+def test_bf16_compose_equals_hand_bf16_and_differs_from_fp32():
+    U = [[1.0, 0.5], [0.25, 1.0]]
+    S = [3.0, 1.0]
+    V = [[1.0, 0.5], [0.5, 1.0]]
+    s = [0.7, 0.3]
+    c = 1.1  # a post-product mass factor, as the release applies it
+    # by hand: cast every input to bf16, round after every op (matmul: exact fp32 accumulation, one rounding)
+    sb = [_rbf16(x) for x in s]
+    assert sb == [0.69921875, 0.30078125]
+    d = [_rbf16(S[j] * sb[j]) for j in range(2)]
+    A = [[_rbf16(U[i][j] * d[j]) for j in range(2)] for i in range(2)]
+    W = [[_rbf16(sum(A[i][j] * V[k][j] for j in range(2))) for k in range(2)] for i in range(2)]
+    cb = _rbf16(c)
+    Wc = [[_rbf16(W[i][k] * cb) for k in range(2)] for i in range(2)]
+    t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    got = svf.compose(t(U), t(S), t(V), t(s), precision="bf16")
+    assert got.dtype == torch.bfloat16 and got.float().tolist() == W
+    got_c = svf.compose(t(U), t(S), t(V), t(s), precision="bf16", post_scale=torch.tensor(c))
+    assert got_c.float().tolist() == Wc
+    fp32 = svf.compose(t(U), t(S), t(V), t(s))
+    assert fp32.dtype == torch.float32 and fp32.tolist() != W
+    exact = [[sum(U[i][j] * S[j] * s[j] * V[k][j] for j in range(2)) for k in range(2)] for i in range(2)]
+    assert fp32.reshape(-1).tolist() == pytest.approx(sum(exact, []), rel=1e-6)
+    assert torch.allclose(got.float(), fp32, rtol=2 ** -6)  # same matrix up to bf16 rounding
+    with pytest.raises(T2EvalError, match="precision"):
+        svf.compose(t(U), t(S), t(V), t(s), precision="fp16")
+
+
+def test_bf16_training_path_is_the_release_expression(cache, model):
+    """SVFModule(precision="bf16"): bf16 z (and so bf16 Adam state), W′ = the release's
+    (U @ diag_embed(S*m) @ V.T) * (S.sum() / (S*m).sum()) in bf16; differs from fp32."""
+    z0 = svf.init_z(cache, seed=2, std=0.3)
+    mod = svf.SVFModule(model, cache, z0, precision="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in mod.z)
+    W = svf.functional_weights(mod.z_dict(), cache, "code", precision="bf16")
+    W32 = svf.functional_weights(z0, cache, "code")
+    for n in cache.names:
+        U, S, V = (x.to(torch.bfloat16) for x in cache.usv(n))
+        mm = torch.sigmoid(z0[n].to(torch.bfloat16))
+        want = (U @ torch.diag_embed(S * mm) @ V.T) * (S.sum() / (S * mm).sum())
+        assert W[n].dtype == torch.bfloat16 and torch.equal(W[n], want), n
+        assert not torch.equal(W[n].float(), W32[n])
+        assert _rel(W[n].float(), W32[n]) < 2e-2
+    # paper parameterisation: U diag(σ ⊙ z) Vᵀ in bf16, no rescale
+    n = cache.names[0]
+    zp = {k: torch.ones(cache.rank(k)) * 0.9 for k in cache.names}
+    U, S, V = (x.to(torch.bfloat16) for x in cache.usv(n))
+    wp = svf.functional_weights(zp, cache, "paper", precision="bf16")[n]
+    assert torch.equal(wp, U @ torch.diag_embed(S * zp[n].to(torch.bfloat16)) @ V.T)
+    # gradients flow into the bf16 z and Adam keeps bf16 moments
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    opt = torch.optim.Adam(mod.parameters(), lr=1e-2)
+    _loss(mod, ids, torch.tensor([5, 9, 13, 17, 21])).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in mod.z)
+    opt.step()
+    st = opt.state[mod.z[0]]
+    assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.bfloat16
+    # the compose-once accumulation works in bf16 too and gives the same gradient as end to end
+    for p in mod.z:
+        p.grad = None
+    _loss(mod, ids, torch.tensor([5, 9, 13, 17, 21])).backward()
+    ref = [p.grad.clone() for p in mod.z]
+    for p in mod.z:
+        p.grad = None
+    with mod.accumulate():
+        _loss(mod, ids, torch.tensor([5, 9, 13, 17, 21])).backward()
+    for r, p in zip(ref, mod.z):
+        assert p.grad.dtype == torch.bfloat16 and torch.allclose(p.grad.float(), r.float(), rtol=2e-2, atol=1e-4)
+    # saved experts stay fp32 files (bf16 values are exact in fp32)
+    ev = mod.expert(task="gsm8k")
+    assert ev.z[n].dtype == torch.float32 and torch.equal(ev.z[n].to(torch.bfloat16).float(), ev.z[n])
+
+
+def test_bf16_scales_and_patcher(cache, model):
+    z = svf.init_z(cache, seed=6, std=0.5)
+    s16 = svf.scales(z, cache, precision="bf16")
+    s32 = svf.scales(z, cache)
+    n = cache.names[0]
+    assert s16[n].dtype == torch.float32 and torch.equal(s16[n].to(torch.bfloat16).float(), s16[n])
+    assert not torch.equal(s16[n], s32[n]) and torch.allclose(s16[n], s32[n], rtol=2 ** -5)
+    mixed = svf.mix_scales([z, z], [0.5, 0.5], cache, precision="bf16")
+    assert torch.equal(mixed[n].to(torch.bfloat16).float(), mixed[n])
+    orig = model.state_dict()[n].clone()
+    with svf.SVFPatcher(model, cache, precision="bf16") as p:
+        p.apply(s16)
+        assert torch.equal(model.state_dict()[n], svf.compose(*cache.usv(n), s16[n], precision="bf16").float())
+    assert torch.equal(model.state_dict()[n], orig)
+    with pytest.raises(T2EvalError, match="precision"):
+        svf.SVFPatcher(model, cache, precision="half")
