@@ -67,8 +67,10 @@ def test_arc_extraction_stages():
 def test_arc_numeric_keys_and_no_answer():
     doc = {"question": "Q?", "answerKey": "2",
            "choices": {"text": ["w", "x", "y", "z"], "label": ["1", "2", "3", "4"]}}
-    assert get_task("arc_easy").score_one(doc, "the answer is (B)") is True
+    # release (the default): a numeric key is never correct; corrected maps it to its letter
+    assert get_task("arc_easy", numeric_keys="corrected").score_one(doc, "the answer is (B)") is True
     assert get_task("arc_easy", numeric_keys="code").score_one(doc, "the answer is (B)") is False
+    assert get_task("arc_easy").score_one(doc, "the answer is (B)") is False
     # the release's fallback letter is fixed per option count (random.seed(42))
     import random
 
@@ -177,7 +179,9 @@ def test_mbpp_prompt(tokenizer):
     assert p == msgs[0]["content"] + "\n\n@@ Instruction:\n" + msgs[1]["content"] + "\n\n@@ Response:```python"
     assert get_task("mbpp", template="protocol").prompt(tokenizer, MBPP_DOC).endswith("@@ Response:\n```python")
     assert "<|im_start|>assistant\n```python" in get_task("mbpp", template="model").prompt(tokenizer, MBPP_DOC)
-    assert "```" in t.gen_kwargs["stop"] and "Response" in t.gen_kwargs["stop"]
+    # release (the default) has no "```" stop (the completion is cut there when scoring); corrected stops at it
+    assert "```" not in t.gen_kwargs["stop"] and "Response" in t.gen_kwargs["stop"]
+    assert "```" in get_task("mbpp", scoring="corrected").gen_kwargs["stop"]
     code = t.postprocess(MBPP_DOC, "\nimport math\ndef similar_elements(a, b):\n    return 1\nprint('x')\n```\nExplain")
     assert "def similar_elements" in code and "print" not in code and "Explain" not in code
 
@@ -190,7 +194,8 @@ def test_humaneval_prompt(tokenizer):
     assert msgs[1]["content"] == ("Write a solution to the following problem:\n```python\n"
                                   "def f(x):\n    \"\"\"Double x.\"\"\"\n```")
     assert prefill == "```python\ndef f(x):\n    \"\"\"Double x.\"\"\""
-    assert t.postprocess(doc, "\n    return 2 * x\n```\ntext") == doc["prompt"] + "\n    return 2 * x\n"
+    tc = get_task("humaneval", scoring="corrected")
+    assert tc.postprocess(doc, "\n    return 2 * x\n```\ntext") == doc["prompt"] + "\n    return 2 * x\n"
     assert t.reference(doc) == "\n    return 2 * x\n```"
 
 
@@ -292,11 +297,16 @@ def test_docs_prompts_and_references_on_real_data(data_dir, tokenizer):
             assert isinstance(t.reference(d), str) and t.reference(d)
             assert cls.question_text(key, d)
     assert sizes["gsm8k"] == 1319 and sizes["arc_challenge"] == 1172 and sizes["humaneval"] == 164
-    # the gold references score as correct with the release scorers
+    # the gold references score as correct with the release scorers (corrected ARC keys: the release
+    # never scores the numeric-keyed items, e.g. ARC-Easy test rows 14 and 26, as correct)
     for key in ("gsm8k", "arc_easy", "math"):
-        t = get_task(key)
+        t = get_task(key, **({"numeric_keys": "corrected"} if key == "arc_easy" else {}))
         docs = t.docs("test", data_dir)[:40]
         refs = [t.reference(d) for d in docs]
         assert all(t.score_batch(docs, refs)), key
+    release = get_task("arc_easy")
+    docs = release.docs("test", data_dir)[:40]
+    ok = release.score_batch(docs, [release.reference(d) for d in docs])
+    assert [i for i, x in enumerate(ok) if not x] == [i for i, d in enumerate(docs) if d["answerKey"].isdigit()]
     he = get_task("humaneval").docs("test", data_dir)
     assert "base_input" in he[0]  # evalplus tests need HumanEval+ rows
