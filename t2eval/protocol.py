@@ -54,8 +54,9 @@ KNOBS: tuple[Knob, ...] = (
          "§8 evalplus; #8.3"),
     Knob("math_order", "hf", "hf", "MATH test (5000)",
          "data/splits.py: MATH test rows sorted by unique_id as a string (HF order)", "§8 MATH row order; #8.4"),
-    Knob("fewshot_seeds", "math:27,arc_challenge:38,humaneval:16", "math:27,arc_challenge:38,humaneval:16",
-         "10 held-out prompts", "data/splits.py fewshot_heldout / fewshot_test", "§6.3; #8.4"),
+    Knob("fewshot_seeds", "release", "release",
+         "10 held-out prompts", "data/splits.py fewshot_heldout / fewshot_test: random.seed(s); shuffle(range(n)); "
+         "s = 27 MATH, 38 ARC-Challenge, 16 HumanEval (\"uniform\": 27 for all)", "§6.3; #8.4"),
     Knob("dispatch_template", "task", "chat",
          "a classification prompt",
          "adapt/dispatch.py first pass (prompt, cls; generate and logprob; HF and vLLM): task = the task's own "
@@ -69,6 +70,9 @@ KNOBS: tuple[Knob, ...] = (
          "split 4:1 by index",
          "data/splits.py cls: i % 5 < 4 over the concatenated GSM8K-test + MBPP + ARC-Challenge list "
          "(train 479 → even/odd, test 239); MBPP+ instruction text for code", "§6.2, §8; #8.6"),
+    Knob("cls_code_text", "instruction", "instruction", "questions of each task",
+         "data/splits.py cls: the MBPP+ `instruction` text the dispatcher sees (\"prompt\": the MBPP prompt)",
+         "§8 classifier-expert data; #8.6"),
     Knob("cls_max_new_tokens", 1024, 1024, "—", "train-svf on cls (classifier expert training)", "§8; #8.6"),
     Knob("fewshot_mix", "raw_z", "raw_z", "z′ = Σ α_k z_k",
          "svf.py mixture: Σ α_k z_k used directly as the multiplier, then the σ-mass rescale",
@@ -101,15 +105,46 @@ def check(protocol: str | None) -> str:
     return p
 
 
+OVERRIDES_ENV_VAR = "T2EVAL_PROTOCOL_OVERRIDES"  # JSON object of knob -> value (the workflow's protocol_overrides)
+
+
 def default_protocol() -> str:
     """The protocol when none is given: $T2EVAL_PROTOCOL, else release."""
     return check(os.environ.get(ENV_VAR) or DEFAULT)
 
 
+def env_overrides() -> dict[str, Any]:
+    raw = os.environ.get(OVERRIDES_ENV_VAR)
+    if not raw:
+        return {}
+    import json
+
+    try:
+        over = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise T2EvalError(f"${OVERRIDES_ENV_VAR} is not a JSON object of knob values: {e}") from None
+    if not isinstance(over, dict):
+        raise T2EvalError(f"${OVERRIDES_ENV_VAR} must be a JSON object of knob values, not {raw!r}")
+    return over
+
+
+def use(protocol: str | None, overrides: Mapping[str, Any] | None = None) -> str:
+    """Make `protocol` (and knob overrides) the default of this process and its children (CLI --protocol,
+    `t2` protocol=): every layer that does not get the protocol explicitly reads it from the environment."""
+    import json
+
+    p = check(protocol) if protocol else default_protocol()
+    settings(p, overrides)  # validates the overrides
+    os.environ[ENV_VAR] = p
+    if overrides:
+        os.environ[OVERRIDES_ENV_VAR] = json.dumps(dict(overrides), sort_keys=True)
+    return p
+
+
 def settings(protocol: str | None = None, overrides: Mapping[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
     """Every knob's value under `protocol` (None: the default), with individual overrides applied."""
     p = check(protocol) if protocol else default_protocol()
-    over = {**(overrides or {}), **kw}
+    over = {**(env_overrides() if overrides is None and not protocol else {}), **(overrides or {}), **kw}
     unknown = sorted(set(over) - set(KNOB_NAMES))
     if unknown:
         raise T2EvalError(f"unknown protocol knob(s) {', '.join(unknown)}; known: {', '.join(KNOB_NAMES)}")
@@ -125,14 +160,40 @@ def value(name: str, protocol: str | None = None, overrides: Mapping[str, Any] |
 def record(protocol: str | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a result cell stores: the protocol name, the overridden knobs and every knob's value."""
     p = check(protocol) if protocol else default_protocol()
+    if overrides is None and not protocol:
+        overrides = env_overrides()
     return {"name": p, "overrides": dict(overrides or {}), "knobs": settings(p, overrides)}
 
 
+# knob -> the option it sets: ("data", option of data.splits.task_split) or ("task", {task keys}, option of
+# the task class). One table, so a task or the data layer never has to know the protocol itself.
+DATA_KNOBS: dict[str, str] = {"mbppplus_version": "mbppplus_version", "humanevalplus_version": "humanevalplus_version",
+                              "math_order": "math_order", "fewshot_seeds": "fewshot_seeds", "cls_split": "cls_split",
+                              "cls_code_text": "cls_code_text"}
+TASK_KNOBS: dict[str, tuple[tuple[str, ...], str]] = {
+    "arc_numeric_keys": (("arc_easy", "arc_challenge"), "numeric_keys"),
+    "arc_no_answer": (("arc_easy", "arc_challenge"), "no_answer"),
+    "gsm8k_extractor": (("gsm8k",), "extractor"),
+    "code_scoring": (("mbpp", "humaneval"), "scoring"),
+}
+
+
+def data_options(protocol: str | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `task_split` options of the protocol (MBPP+/HumanEval+ versions, MATH order, few-shot seeds, cls data)."""
+    s = settings(protocol, overrides)
+    return {opt: s[k] for k, opt in DATA_KNOBS.items()}
+
+
+def task_options(task: str, protocol: str | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The constructor options of task `task` under the protocol (e.g. ARC numeric keys, code scoring)."""
+    s = settings(protocol, overrides)
+    return {opt: s[k] for k, (tasks, opt) in TASK_KNOBS.items() if task in tasks}
+
+
 def fewshot_seed(task: str, protocol: str | None = None) -> int:
-    seeds = dict(x.split(":") for x in str(value("fewshot_seeds", protocol)).split(","))
-    if task not in seeds:
-        raise T2EvalError(f"no few-shot seed for task {task!r}; few-shot tasks: {', '.join(seeds)}")
-    return int(seeds[task])
+    from .data.splits import fewshot_seed as _seed
+
+    return _seed(task, value("fewshot_seeds", protocol))
 
 
 def _cell(v: Any) -> str:

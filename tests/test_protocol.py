@@ -44,7 +44,8 @@ def test_overrides_and_record():
 
 def test_fewshot_seeds_per_task():
     assert [protocol.fewshot_seed(t) for t in ("math", "arc_challenge", "humaneval")] == [27, 38, 16]
-    with pytest.raises(T2EvalError, match="no few-shot seed"):
+    assert protocol.fewshot_seed("math", "release") == 27
+    with pytest.raises(T2EvalError, match="unseen task 'gsm8k'"):
         protocol.fewshot_seed("gsm8k")
 
 
@@ -61,3 +62,25 @@ def test_readme_table_is_the_generated_one():
     assert m, "README lacks the protocol table markers"
     assert m.group(1).strip() == protocol.table("md").strip(), \
         "README's protocol table is stale: paste `t2eval protocol --format md` between the markers"
+
+
+def test_protocol_reaches_tasks_and_data(monkeypatch):
+    from t2eval.tasks import get_task
+
+    monkeypatch.setenv(protocol.ENV_VAR, "release")       # restored after the test (protocol.use below)
+    monkeypatch.setenv(protocol.OVERRIDES_ENV_VAR, "{}")
+    rel, cor = get_task("arc_easy"), get_task("arc_easy", protocol="corrected")
+    doc = {"question": "Q?", "answerKey": "2", "choices": {"text": list("wxyz"), "label": ["1", "2", "3", "4"]}}
+    assert rel.protocol == "release" and not rel.score_one(doc, "the answer is (B)")
+    assert cor.protocol == "corrected" and cor.score_one(doc, "the answer is (B)")
+    assert "```" not in get_task("mbpp").gen_kwargs["stop"]
+    assert "```" in get_task("mbpp", protocol="corrected").gen_kwargs["stop"]
+    assert get_task("gsm8k", protocol="corrected").extractor == "signed"
+    # explicit options win over the protocol
+    assert get_task("arc_easy", protocol="corrected", numeric_keys="release").score_one(doc, "(B)") is False
+    assert rel.data_options["mbppplus_version"] == "v0.1.0" and rel.data_options["math_order"] == "hf"
+    # the environment carries the protocol and the overrides to every layer (CLI --protocol, t2 protocol=)
+    protocol.use("corrected", {"gsm8k_extractor": "code"})
+    assert get_task("arc_easy").protocol == "corrected"
+    assert get_task("gsm8k").extractor == "code"
+    assert protocol.record()["overrides"] == {"gsm8k_extractor": "code"}

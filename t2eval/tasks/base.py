@@ -27,6 +27,9 @@ class Task:
     # a jinja chat template that replaces the model's own (code tasks of the release), else None
     chat_template: str | None = None
     data_task: str | None = None  # key passed to task_split (defaults to `key`)
+    # set by get_task from the protocol (t2eval.protocol): task_split options and the protocol's name
+    data_options: dict[str, Any] = {}
+    protocol: str = "release"
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -40,7 +43,7 @@ class Task:
             from ..data.splits import task_split
         except ImportError as e:  # pragma: no cover - only before the data layer exists
             raise T2EvalError(f"the data layer (t2eval.data.splits) is not available: {e}") from None
-        return list(task_split(self.data_task or self.key, split, data_dir))
+        return list(task_split(self.data_task or self.key, split, data_dir, **self.data_options))
 
     @property
     def metric(self) -> str:

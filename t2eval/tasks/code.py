@@ -248,7 +248,7 @@ class HumanEval(_CodeTask):
         from ..data.splits import task_split
 
         ds = "humanevalplus" if self.tests == "evalplus" else "humaneval"
-        return list(task_split(self.key, split, data_dir, humaneval_dataset=ds))
+        return list(task_split(self.key, split, data_dir, **{**self.data_options, "humaneval_dataset": ds}))
 
     def user_message(self, doc: dict) -> str:
         return humaneval_instruction(doc["prompt"])

@@ -76,7 +76,15 @@ def task_class(key: str) -> type[Task]:
     return _REGISTRY[check_task(key, known_tasks())][0]
 
 
-def get_task(key: str, **options: Any) -> Task:
-    """A fresh task object; options select the paper/code variants (see each task module)."""
+def get_task(key: str, protocol: str | None = None, **options: Any) -> Task:
+    """A fresh task object under `protocol` (release | corrected; None: $T2EVAL_PROTOCOL, else release):
+    the protocol's task options (`t2eval.protocol.task_options`) and data options (`data_options`, used by
+    `Task.docs`), then explicit `options`, which win."""
+    from .. import protocol as proto
+
     cls = task_class(key)
-    return cls(key, **options) if _REGISTRY[key][1] else cls(**options)
+    opts = {**proto.task_options(key, protocol), **options}
+    task = cls(key, **opts) if _REGISTRY[key][1] else cls(**opts)
+    task.protocol = proto.check(protocol) if protocol else proto.default_protocol()
+    task.data_options = proto.data_options(protocol)
+    return task

@@ -4,7 +4,9 @@ Each row handed to lm-eval carries the original doc as JSON ("t2_doc") plus the 
 message ("t2_system", used as the task `description`, which lm-eval turns into the system message
 under apply_chat_template), the user message ("t2_user", doc_to_text) and the pre-fill
 ("t2_prefill", gen_prefix). process_results calls the same `score_batch` as the RL reward.
-Data dir: $T2EVAL_DATA_DIR (default data/).
+Data dir: $T2EVAL_DATA_DIR (default data/). Protocol: $T2EVAL_PROTOCOL (default release; `t2eval evaluate
+--protocol` and the `t2` model's protocol= set it); each row records it, so scoring uses the protocol the
+rows were built with.
 """
 
 import json
@@ -23,13 +25,14 @@ def load(task=None, split="test", family=None, options=None, **_ignored):
         raise T2EvalError("a t2_* task YAML must set dataset_kwargs.task (a t2eval task key)")
     t = get_task(task, **(options or {}))
     data_dir = os.environ.get("T2EVAL_DATA_DIR", "data")
+    row_options = json.dumps({**(options or {}), "protocol": t.protocol})
     rows = []
     for doc in t.docs(split, data_dir):
         msgs, prefill = t.messages(doc, family)
         system = "".join(m["content"] for m in msgs if m["role"] == "system")
         user = [m["content"] for m in msgs if m["role"] == "user"][-1]
         rows.append({"doc_id": str(doc["doc_id"]), "t2_task": task,
-                     "t2_options": json.dumps(options or {}), "t2_system": system,
+                     "t2_options": row_options, "t2_system": system,
                      "t2_user": user, "t2_prefill": prefill, "t2_doc": json.dumps(doc)})
     return {"test": datasets.Dataset.from_list(rows)}
 
