@@ -310,3 +310,21 @@ def test_alpha_and_log_errors(tmp_path):
         figures.read_log(p)
     p.write_text('{"iteration": 0, "split_scores": {"valid": 50}}\n{"iteration": 1, "valid": 60}\n')
     assert [r["valid"] for r in figures.read_log(p)] == [0.5, 0.6]
+
+
+def test_tables_name_the_protocol_and_refuse_to_mix(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "tables"
+    rel = {"protocol": {"name": "release", "overrides": {}, "knobs": {}}}
+    put(raw, "llama3-8b", "base", "gsm8k", 1001, 1319, provenance=rel)
+    put(raw, "llama3-8b", "svf", "gsm8k", 1044, 1319, provenance=rel)
+    write_tables(collect(raw), out)
+    md = (out / "table1.md").read_text()
+    assert "Protocol: `release`" in md and "(protocol: release)" in (out / "table1.tex").read_text()
+    assert {r["protocol"] for r in rows(out / "table1.csv") if r["status"] == "ok"} == {"release"}
+    # a corrected cell beside release cells: a clear error naming the cells, no table written
+    put(raw, "llama3-8b", "lora", "gsm8k", 1018, 1319,
+        provenance={"protocol": {"name": "corrected", "overrides": {}, "knobs": {}}})
+    (out / "table1.md").unlink()
+    with pytest.raises(T2EvalError, match=r"table 1 would mix cells of different protocols \(corrected: .*lora/gsm8k"):
+        write_tables(collect(raw), out)
+    assert not (out / "table1.md").exists()
