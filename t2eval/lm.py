@@ -7,9 +7,9 @@
 
 model_args
   pretrained     registry key or HF directory (t2eval.models.resolve_model_dir)
-  backend        hf (lm-eval HFLM) | vllm (lm-eval VLLM + t2eval.backends.vllm's scale swap)
+  backend        hf (lm-eval HFLM) | vllm (t2eval.backends.vllm_lm.T2VLLM: lm-eval VLLM + scale swaps)
   adapter        none | svf:PATH | lora:PATH (peft on HF, LoRARequest on vLLM); strategy=none only
-  strategy       none | prompt | cls | fewshot
+  strategy       none | prompt | cls | fewshot (the registered strategies, t2eval.adapt.strategies)
   experts        math:P;code:P;reasoning:P  (lm-eval splits model_args on ",", so use ";" there,
                  or expert_math=P,expert_code=P,expert_reasoning=P, or JSON model_args)
   cls_expert     PATH (strategy=cls)          alpha   PATH of alpha.json (strategy=fewshot)
@@ -24,6 +24,9 @@ category labels in one forward pass instead of generating); requests are then gr
 expert, each group answered with its expert's scales loaded ("other" → base weights), and results
 returned in the original order. Few-shot loads the α-mixture once. `lm.t2_records[task]` holds
 first_pass_s, second_pass_s, swap_s, tokens_first, tokens_second and per-document dispatch rows.
+What differs between strategies (two passes or one, validation, the scales held for the run, the
+first pass, backend kwargs) is the strategy object's (`lm.t2_strategy`); this module only runs
+the passes. Weights change through `lm.t2_swapper` (`t2eval.backends.base.ScaleSwapper`).
 """
 
 from __future__ import annotations

@@ -89,13 +89,13 @@ def strategy_for(cfg) -> "Strategy":
         raise T2EvalError(f"strategy={cfg.strategy!r}: use one of {', '.join(names)}")
     if cfg.dispatch not in DISPATCH_MODES:
         raise T2EvalError(f"dispatch={cfg.dispatch!r}: use generate or logprob")
-    kind = cfg.adapter.split(":", 1)[0]
+    kind = cfg.adapter_kind
     if kind not in ("none", *adapter_kinds()) or (kind != "none" and ":" not in cfg.adapter):
         raise T2EvalError(f"adapter={cfg.adapter!r}: use {_or(['none'] + [f'{k}:PATH' for k in adapter_kinds()])}")
     if kind != "none" and cfg.strategy != "none":
         raise T2EvalError(f"adapter={cfg.adapter} cannot be combined with strategy={cfg.strategy}: "
                           "two-pass strategies load the experts themselves (use adapter=none)")
-    s = _REGISTRY[kind if kind != "none" else cfg.strategy](cfg)
+    s = get_strategy(kind if kind != "none" else cfg.strategy)(cfg)
     s.validate()
     return s
 

@@ -22,7 +22,9 @@ def make_backend(kind: str, model_dir: str | Path | None = None, *, svd=None, dt
     * ``"hf"``: `hf.HFBackend` on `model_dir`, or on an already loaded `model` + `tokenizer` (the
       training model itself, so rollouts see its current weights); `svd` a loaded SVD cache;
     * ``"vllm"``: `vllm.VLLMBackend` started on `model_dir` (`svd`: a cache path or a loaded cache;
-      `engine_kwargs` go to it, e.g. max_model_len, kv_cache_gib, swap_mode).
+      `engine_kwargs` go to it, e.g. max_model_len, kv_cache_gib, swap_mode). `model`/`tokenizer`
+      are not used: the engine loads its own copy (SVF swaps keep it in step), so a trainer can
+      make the same call for either kind.
     """
     if kind == "hf":
         from .hf import HFBackend
