@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 # sample-level metric names lm-eval may log, in order of preference
 SAMPLE_METRICS = ("acc", "pass@1", "pass_at_1", "exact_match", "acc_norm")
-PATH_ARGS = ("adapter", "cls_expert", "alpha", "svd", "expert_math", "expert_code", "expert_reasoning")
 
 
 def add_arguments(p) -> None:
@@ -142,10 +141,11 @@ def sample_correct(sample: dict, metric: str | None = None) -> int:
 def file_inputs(model_args: dict[str, Any]) -> dict[str, Any]:
     """{argument: "path sha256"} for every file-valued t2 argument (experts, svd, alpha, adapter)."""
     from .adapt.experts import parse_experts
+    from .adapt.strategies import file_args
     from .provenance import sha256_file
 
     items: dict[str, str] = {}
-    for k in PATH_ARGS:
+    for k in file_args():
         v = model_args.get(k)
         if v and str(v) != "none":
             items[k] = str(v).split(":", 1)[1] if k == "adapter" and ":" in str(v) else str(v)
@@ -267,7 +267,8 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
     chosen_of = {d["doc_id"]: d["chosen"] for d in rec.get("dispatch", [])}
     per_sample = sorted(({"doc_id": s["doc_id"], "correct": sample_correct(s, metric),
                           "chosen": chosen_of.get(s["doc_id"])} for s in samples), key=lambda r: r["doc_id"])
-    two_pass = rec.get("strategy") in ("prompt", "cls")
+    strategy = getattr(lm, "t2_strategy", None)
+    two_pass = bool(strategy is not None and strategy.two_pass)  # a first pass chose the experts
     timing = {k: rec.get(k) for k in ("first_pass_s", "second_pass_s", "swap_s", "tokens_first", "tokens_second")}
     timing.update(total_s=eval_s, load_s=load_s, setup_swap_s=rec.get("setup_swap_s"),
                   prompt_tokens_first=rec.get("prompt_tokens_first"), dispatch_mode=rec.get("dispatch_mode"),
