@@ -66,7 +66,7 @@ def _table_rows(work: Path) -> dict[str, list[dict]]:
 
 def _cells(work: Path) -> dict[str, tuple]:
     out = {}
-    for f in sorted((work / "results" / "raw").rglob("*.json")):
+    for f in sorted((work / "results" / "raw").glob("*/*/*.json")):  # results/raw/<model>/<method>/<task>.json
         c = json.loads(f.read_text())
         out[str(f.relative_to(work))] = (c["score"], c["correct"], c["total"], c["per_sample"])
     return out
