@@ -13,7 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import stage_config
 from ..errors import T2EvalError
+from .configs import SelectConfig
 
 
 def best_valid(run_dir: Path) -> float:
@@ -43,11 +45,15 @@ def select(candidates: list[Path], out: Path) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--candidates", nargs="+", required=True, help="train-svf output directories")
-    p.add_argument("--out", required=True, help="directory receiving the selected expert's files")
+    stage_config.add_arguments(p, SelectConfig)
+    for action in p._actions:  # space-separated too: `--candidates a b c`, as the λ-sweep rule passes them
+        if action.dest == "candidates":
+            action.nargs = "+"
 
 
 def run(args: argparse.Namespace) -> int:
-    rec = select([Path(c) for c in args.candidates], Path(args.out))
+    groups = args.candidates if isinstance(args.candidates, list) else [args.candidates]  # nargs="+" of tuples
+    cfg = stage_config.from_args(SelectConfig, args, candidates=tuple(d for g in groups for d in g))
+    rec = select([Path(c) for c in cfg.candidates], Path(cfg.out))
     print(json.dumps(rec))
     return 0
