@@ -68,19 +68,13 @@ def make_optimizer(params: Sequence[torch.Tensor], kind: str, lr: float, iterati
 
 
 def build_backend(kind: str, model, tokenizer, cfg, svd=None):
-    """The rollout/evaluation backend: HF shares the training model; vLLM is imported lazily."""
-    if kind == "hf":
-        from ..backends.hf import HFBackend
+    """The rollout/evaluation backend (`backends.make_backend`): HF shares the training model (rollouts see
+    its current weights); vLLM starts its own engine on the model directory."""
+    from ..backends import make_backend
 
-        return HFBackend(model=model, tokenizer=tokenizer, svd=svd, device=cfg.device,
-                         batch_size=max(cfg.micro_batch, 8))
-    if kind == "vllm":
-        try:
-            from ..backends.vllm import VLLMBackend
-        except ImportError as e:
-            raise T2EvalError(f"--backend vllm is not available here ({e}); use --backend hf") from None
-        return VLLMBackend(cfg.model, dtype=cfg.dtype, svd=cfg.svd, seed=cfg.seed)
-    raise T2EvalError(f"unknown backend {kind!r}: use hf or vllm")
+    return make_backend(kind, cfg.model, svd=svd if kind == "hf" else getattr(cfg, "svd", None), dtype=cfg.dtype,
+                        device=cfg.device, batch_size=max(cfg.micro_batch, 8), seed=cfg.seed,
+                        model=model, tokenizer=tokenizer)
 
 
 def load_task(key: str, **options):
