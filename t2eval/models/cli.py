@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 class PrepareModelConfig:
     """Options of `t2eval prepare-model` (the CLI is generated from these fields)."""
 
-    model: str = opt(help="registry key (t2eval/resources/models.yaml: smollm2-135m, llama3-8b, mistral-7b, "
-                     "llama3-70b, tiny-llama) or a local HF directory", positional=True)
+    model: str = opt(help="registry key (t2eval/resources/models.yaml) or a local HF directory", positional=True)
     out: str = opt(help="output directory (HF layout, safetensors)", required=True)
     dtype: str | None = opt(None, help="weight dtype to store (default: the registry's default_dtype)",
                             choices=("float32", "bfloat16", "float16"))
