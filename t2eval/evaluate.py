@@ -21,10 +21,12 @@ import logging
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import T2EvalError
+from .stage_config import add_arguments as add_config_arguments, opt
 
 log = logging.getLogger(__name__)
 
@@ -32,28 +34,39 @@ log = logging.getLogger(__name__)
 SAMPLE_METRICS = ("acc", "pass@1", "pass_at_1", "exact_match", "acc_norm")
 
 
+@dataclass
+class EvaluateConfig:
+    """Options of `t2eval evaluate` (the CLI is generated from these fields)."""
+
+    model: str = opt(help="registry key or HF directory (the cell's model name is the key, or the directory's name)",
+                     required=True)
+    method: str = opt(help="method name of the cell (base, svf, t2-prompt, ...)", required=True)
+    task: str = opt(help="task key (gsm8k, mbpp, arc_easy, math, humaneval, arc_challenge)", required=True)
+    out: str = opt(help="cell path, e.g. results/raw/<model>/<method>/<task>.json", required=True)
+    model_args: str = opt("", help="t2 model_args, comma-separated key=value "
+                          "(experts=math:P,code:P,reasoning:P is understood here)")
+    limit: int | None = opt(None, help="only the first N documents (testing)")
+    split: str = opt("test", help="documents to score (fewshot_test: after the 10 held-out few-shot ones)",
+                     choices=("test", "fewshot_test"))
+    data_dir: str | None = opt(None, help="canonical data dir (default: $T2EVAL_DATA_DIR or data)")
+    lm_eval_task: str | None = opt(None, help="run this lm-eval task name instead of t2_<task>")
+    include_path: str | None = opt(None, help="extra lm-eval task YAML directory")
+    backend: str | None = opt(None, help="overrides backend= in model args", choices=("hf", "vllm"))
+    batch_size: str | None = opt(None, help="lm-eval batch size (int or auto)")
+    device: str | None = opt(None, help="torch device for backend=hf (default cpu)")
+    seed: int = opt(0, help="lm-eval random seed (numpy/torch/fewshot seeds: 1234)")
+    gen_kwargs: str | None = opt(None, help="lm-eval generation overrides, e.g. max_gen_toks=64 "
+                                 "(testing/benchmarks only: results then differ from the protocol)")
+    allow_code_execution: bool = opt(False, help="run generated code for mbpp/humaneval in the sandbox "
+                                     "(sets HF_ALLOW_CODE_EVAL=1)")
+    model_name: str | None = opt(None, help="model name written into the cell (default from --model)")
+
+
+CONFIG = EvaluateConfig
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="registry key or HF directory (the cell's model name is "
-                   "the key, or the directory's name)")
-    p.add_argument("--method", required=True, help="method name of the cell (base, svf, t2-prompt, ...)")
-    p.add_argument("--task", required=True, help="task key (gsm8k, mbpp, arc_easy, math, humaneval, arc_challenge)")
-    p.add_argument("--out", required=True, help="cell path, e.g. results/raw/<model>/<method>/<task>.json")
-    p.add_argument("--model-args", default="", help="t2 model_args, comma-separated key=value "
-                   "(experts=math:P,code:P,reasoning:P is understood here)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N documents (testing)")
-    p.add_argument("--split", default="test", choices=("test", "fewshot_test"))
-    p.add_argument("--data-dir", default=None, help="canonical data dir (default: $T2EVAL_DATA_DIR or data)")
-    p.add_argument("--lm-eval-task", default=None, help="run this lm-eval task name instead of t2_<task>")
-    p.add_argument("--include-path", default=None, help="extra lm-eval task YAML directory")
-    p.add_argument("--backend", default=None, choices=("hf", "vllm"), help="overrides backend= in model args")
-    p.add_argument("--batch-size", default=None, help="lm-eval batch size (int or auto)")
-    p.add_argument("--device", default=None, help="torch device for backend=hf (default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="lm-eval random seed (numpy/torch/fewshot seeds: 1234)")
-    p.add_argument("--gen-kwargs", default=None, help="lm-eval generation overrides, e.g. max_gen_toks=64 "
-                   "(testing/benchmarks only: results then differ from the protocol)")
-    p.add_argument("--allow-code-execution", action="store_true",
-                   help="run generated code for mbpp/humaneval in the sandbox (sets HF_ALLOW_CODE_EVAL=1)")
-    p.add_argument("--model-name", default=None, help="model name written into the cell (default from --model)")
+    add_config_arguments(p, EvaluateConfig)
 
 
 def parse_model_args(text: str | dict | None) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ..constants import EXPERT_NAMES as EXPERTS
 from ..constants import OTHER, TRAIN_TASKS, UNSEEN_TASKS
 from ..errors import CorruptArtifactError, T2EvalError
 from ..results import MODELS, collect, index
-from .cli import add_common_arguments, select_models, write_text_atomic
+from .cli import FiguresConfig, add_config_arguments, select_models, write_text_atomic
 from .tables import MODEL_LABELS, TASK_LABELS
 
 log = logging.getLogger(__name__)
@@ -364,10 +364,11 @@ def write_figures(cells: Sequence[Mapping[str, Any]], experts_dir: str | os.Path
 
 
 # ----------------------------------------------------------------------------- CLI
+CONFIG = FiguresConfig
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_arguments(p)
-    p.add_argument("--experts", default="experts", help="experts directory (svf logs, fewshot alpha.json)")
-    p.add_argument("--out", default="results/figures", help="output directory (default: results/figures)")
+    add_config_arguments(p, FiguresConfig)
 
 
 def run(args: argparse.Namespace) -> int:

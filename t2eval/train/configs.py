@@ -103,5 +103,5 @@ class LoRATrainConfig(TrainConfig):
 class SelectConfig:
     """`t2eval select-expert`: keep the best of several train-svf runs by validation score."""
 
-    candidates: tuple[str, ...] = opt(required=True, help="train-svf output directories (space- or comma-separated)")
+    candidates: tuple[str, ...] = opt(required=True, nargs="+", help="train-svf output directories")
     out: str = opt(required=True, help="directory receiving the selected expert's files")

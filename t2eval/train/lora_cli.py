@@ -9,6 +9,8 @@ import argparse
 from .. import stage_config
 from .configs import LoRATrainConfig
 
+CONFIG = LoRATrainConfig  # the options (plan.stage_argv renders the workflow's commands through it)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     stage_config.add_arguments(p, LoRATrainConfig)

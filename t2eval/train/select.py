@@ -17,6 +17,8 @@ from .. import stage_config
 from ..errors import T2EvalError
 from .configs import SelectConfig
 
+CONFIG = SelectConfig  # the options (plan.stage_argv renders the workflow's commands through it)
+
 
 def best_valid(run_dir: Path) -> float:
     log = run_dir / "log.jsonl"
@@ -46,14 +48,10 @@ def select(candidates: list[Path], out: Path) -> dict:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     stage_config.add_arguments(p, SelectConfig)
-    for action in p._actions:  # space-separated too: `--candidates a b c`, as the λ-sweep rule passes them
-        if action.dest == "candidates":
-            action.nargs = "+"
 
 
 def run(args: argparse.Namespace) -> int:
-    groups = args.candidates if isinstance(args.candidates, list) else [args.candidates]  # nargs="+" of tuples
-    cfg = stage_config.from_args(SelectConfig, args, candidates=tuple(d for g in groups for d in g))
+    cfg = stage_config.from_args(SelectConfig, args, candidates=tuple(args.candidates))
     rec = select([Path(c) for c in cfg.candidates], Path(cfg.out))
     print(json.dumps(rec))
     return 0
