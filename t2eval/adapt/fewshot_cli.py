@@ -61,16 +61,6 @@ def add_arguments(p) -> None:
     _add_arguments(p, FitFewshotConfig)
 
 
-def make_backend(kind: str, model_dir: str, svd, dtype: str, device: str, batch_size: int):
-    if kind == "vllm":
-        from ..backends.vllm import VLLMBackend
-
-        return VLLMBackend(model_dir, dtype=dtype, svd=svd)
-    from ..backends.hf import HFBackend
-
-    return HFBackend(model_dir, dtype=dtype, device=device, svd=svd, batch_size=batch_size)
-
-
 def fit_fewshot(model: str, svd: str, experts: str | dict, task: str, out: str | Path, *, iterations: int = 100,
                 population: int = 32, elite: float = 0.2, init_std: float = 0.5, per: str = "vector",
                 normalise: bool = False, seed: int = 0, backend: str | Any = "hf", data_dir: str | None = None,
@@ -114,7 +104,10 @@ def fit_fewshot(model: str, svd: str, experts: str | dict, task: str, out: str |
     docs = docs if docs is not None else t.docs("fewshot_heldout", data_dir)
     family = model_spec(model).family
     model_dir = str(resolve_model_dir(model))
-    be = make_backend(backend, model_dir, bank.svd, dtype, device, batch_size) if isinstance(backend, str) else backend
+    from ..backends import make_backend
+
+    be = (make_backend(backend, model_dir, svd=bank.svd, dtype=dtype, device=device, batch_size=batch_size)
+          if isinstance(backend, str) else backend)
     evaluate = member_evaluator(be, t, docs, lambda a: bank.mix_loaded(loaded, a, per, normalise), family,
                                 max_new_tokens)
     t0 = time.perf_counter()
