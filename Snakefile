@@ -3,6 +3,9 @@
 #   GPU machines:              snakemake --cores all --use-conda --configfile workflow/config/paper.yaml
 #   SLURM:                     snakemake --workflow-profile workflow/profiles/slurm --configfile workflow/config/paper.yaml
 #   one cell:                  snakemake results/raw/<model>/<method>/<task>.json
+#   interrupted:               the same command again (profiles/default, loaded by Snakemake itself, sets
+#                              --rerun-incomplete; trainers resume from their checkpoints); after a hard
+#                              kill (SIGKILL, power loss) first: snakemake --unlock
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -42,6 +42,15 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of `t2eval <name>` (what `main` parses the subcommand's arguments with)."""
+    module_name, help_text = COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"t2eval {name}", description=help_text)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    importlib.import_module(module_name).add_arguments(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
@@ -57,12 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         _top_parser().parse_args([name])  # prints the choices and exits 2
-    module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"t2eval {name}", description=help_text)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    module = importlib.import_module(COMMANDS[name][0])
+    args = subcommand_parser(name).parse_args(rest)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -24,7 +24,6 @@ class ModelSpec:
     family: str = "unknown"
     hub_id: str | None = None
     builder: str | None = None
-    arc_prefill: bool = False
     default_dtype: str = "bfloat16"
     svf_layers: str = "all"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -48,15 +47,25 @@ def model_registry() -> dict[str, ModelSpec]:
     raw = yaml.safe_load(resources.files("t2eval").joinpath("resources/models.yaml").read_text())
     out = {}
     for key, d in raw.items():
-        known = {k: d[k] for k in ("source", "family", "hub_id", "builder", "arc_prefill",
-                                   "default_dtype", "svf_layers") if k in d}
+        known = {k: d[k] for k in ("source", "family", "hub_id", "builder", "default_dtype", "svf_layers") if k in d}
         extra = {k: v for k, v in d.items() if k not in known}
         out[key] = ModelSpec(key=key, extra=extra, **known)
     return out
 
 
+def guess_family(name: str, registry: dict[str, ModelSpec] | None = None) -> str | None:
+    """The registry family whose name appears in `name` ignoring case, '-', '_' and spaces
+    ("Meta-Llama-3-8B" → llama3), the longest match first; None when none does."""
+    reg = model_registry() if registry is None else registry
+    flat = "".join(ch for ch in name.lower() if ch not in "-_ ")
+    for family in sorted({s.family for s in reg.values()}, key=len, reverse=True):
+        if family != "unknown" and family in flat:
+            return family
+    return None
+
+
 def model_spec(key_or_path: str) -> ModelSpec:
-    """Registry entry for a key, or a `local` spec for a directory (family guessed from config)."""
+    """Registry entry for a key, or a `local` spec for a directory (family guessed from its name)."""
     reg = model_registry()
     if key_or_path in reg:
         return reg[key_or_path]
@@ -64,17 +73,15 @@ def model_spec(key_or_path: str) -> ModelSpec:
     if (p / "config.json").exists():
         import json
 
-        cfg = json.loads((p / "config.json").read_text())
-        name = (cfg.get("_name_or_path") or "").lower() + " " + p.name.lower()
-        family = "llama3" if "llama-3" in name or "llama3" in name else (
-            "mistral" if "mistral" in name else ("smollm2" if "smol" in name else cfg.get("model_type", "unknown")))
         # a directory prepared by `t2eval prepare-model` records its registry key
         meta = p / "t2eval_model.json"
         if meta.exists():
             key = json.loads(meta.read_text()).get("key")
             if key in reg:
                 return reg[key]
-        return ModelSpec(key=p.name, source="local", family=family, arc_prefill=(family == "llama3"))
+        cfg = json.loads((p / "config.json").read_text())
+        family = guess_family(f"{cfg.get('_name_or_path') or ''} {p.name}", reg) or cfg.get("model_type", "unknown")
+        return ModelSpec(key=p.name, source="local", family=family)
     raise T2EvalError(
         f"unknown model {key_or_path!r}: not a registry key ({', '.join(sorted(reg))}) "
         "and not a local Hugging Face directory (no config.json there)")

@@ -8,26 +8,37 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+
+from .stage_config import add_arguments as add_config_arguments, opt
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class DecomposeConfig:
+    """Options of `t2eval decompose` (the CLI is generated from these fields)."""
+
+    model: str = opt(help="registry key or local HF directory (safetensors weights)", required=True)
+    targets: str = opt("mlp", help="mlp (gate/up/down_proj), attn (q_proj+v_proj), mlp+attn, "
+                       "or comma-separated module-name suffixes")
+    out: str | None = opt(None, help="cache file (default: svd/<model>-<targets>.safetensors)")
+    layers: str | None = opt(None, help="all | half (upper half: layers L//2..L-1) | half-lower | even | odd | "
+                             "'0-15,20' (default: the model registry's svf_layers, else all)")
+    device: str = opt("cpu", help="device for the SVD (cpu, cuda); results are stored in fp32")
+    threads: int | None = opt(None, help="torch CPU threads for the SVD (default: torch's; 1 is fastest on a "
+                              "busy machine)")
+    force: bool = opt(False, help="rebuild even if a valid cache exists")
+    verify_weights: bool = opt(True, help="--no-verify-weights: when reusing a cache, skip re-hashing the "
+                               "target tensors (config and shapes are still checked)")
+
+
+CONFIG = DecomposeConfig
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registry key or local HF directory (safetensors weights)")
-    p.add_argument("--targets", default="mlp",
-                   help="mlp (default: gate/up/down_proj), attn (q_proj+v_proj), mlp+attn, "
-                        "or comma-separated module-name suffixes")
-    p.add_argument("--out", default=None, help="cache file (default: svd/<model>-<targets>.safetensors)")
-    p.add_argument("--layers", default=None,
-                   help="all | half (upper half: layers L//2..L-1) | half-lower | even | odd | '0-15,20' "
-                        "(default: the model registry's svf_layers, else all)")
-    p.add_argument("--device", default="cpu", help="device for the SVD (cpu, cuda); results are stored in fp32")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for the SVD (default: torch's; 1 is fastest on a busy machine)")
-    p.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
-    p.add_argument("--no-verify-weights", action="store_true",
-                   help="when reusing, skip re-hashing the target tensors (config and shapes are still checked)")
+    add_config_arguments(p, DecomposeConfig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         tag = key.replace(":", "_").replace(",", "_") + ("" if layers == "all" else f"-{layers}")
         out = Path("svd") / f"{name}-{tag}.safetensors"
     cache = ensure_svd(model_dir, args.targets, out, layers=layers, force=args.force, device=args.device,
-                       verify_weights=not args.no_verify_weights, threads=args.threads)
+                       verify_weights=args.verify_weights, threads=args.threads)
     m = cache.manifest
     print(f"{out}: {len(cache)} matrices ({m['targets']}, layers {m['layers']}), "
           f"{m['n_params_svf']} SVF values, max rel err {m['max_rel_err']:.2e}, built in {m['seconds']:.1f} s")

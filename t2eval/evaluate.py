@@ -21,40 +21,52 @@ import logging
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import T2EvalError
+from .stage_config import add_arguments as add_config_arguments, opt
 
 log = logging.getLogger(__name__)
 
 # sample-level metric names lm-eval may log, in order of preference
 SAMPLE_METRICS = ("acc", "pass@1", "pass_at_1", "exact_match", "acc_norm")
-PATH_ARGS = ("adapter", "cls_expert", "alpha", "svd", "expert_math", "expert_code", "expert_reasoning")
+
+
+@dataclass
+class EvaluateConfig:
+    """Options of `t2eval evaluate` (the CLI is generated from these fields)."""
+
+    model: str = opt(help="registry key or HF directory (the cell's model name is the key, or the directory's name)",
+                     required=True)
+    method: str = opt(help="method name of the cell (base, svf, t2-prompt, ...)", required=True)
+    task: str = opt(help="task key (gsm8k, mbpp, arc_easy, math, humaneval, arc_challenge)", required=True)
+    out: str = opt(help="cell path, e.g. results/raw/<model>/<method>/<task>.json", required=True)
+    model_args: str = opt("", help="t2 model_args, comma-separated key=value "
+                          "(experts=math:P,code:P,reasoning:P is understood here)")
+    limit: int | None = opt(None, help="only the first N documents (testing)")
+    split: str = opt("test", help="documents to score (fewshot_test: after the 10 held-out few-shot ones)",
+                     choices=("test", "fewshot_test"))
+    data_dir: str | None = opt(None, help="canonical data dir (default: $T2EVAL_DATA_DIR or data)")
+    lm_eval_task: str | None = opt(None, help="run this lm-eval task name instead of t2_<task>")
+    include_path: str | None = opt(None, help="extra lm-eval task YAML directory")
+    backend: str | None = opt(None, help="overrides backend= in model args", choices=("hf", "vllm"))
+    batch_size: str | None = opt(None, help="lm-eval batch size (int or auto)")
+    device: str | None = opt(None, help="torch device for backend=hf (default cpu)")
+    seed: int = opt(0, help="lm-eval random seed (numpy/torch/fewshot seeds: 1234)")
+    gen_kwargs: str | None = opt(None, help="lm-eval generation overrides, e.g. max_gen_toks=64 "
+                                 "(testing/benchmarks only: results then differ from the protocol)")
+    allow_code_execution: bool = opt(False, help="run generated code for mbpp/humaneval in the sandbox "
+                                     "(sets HF_ALLOW_CODE_EVAL=1)")
+    model_name: str | None = opt(None, help="model name written into the cell (default from --model)")
+
+
+CONFIG = EvaluateConfig
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="registry key or HF directory (the cell's model name is "
-                   "the key, or the directory's name)")
-    p.add_argument("--method", required=True, help="method name of the cell (base, svf, t2-prompt, ...)")
-    p.add_argument("--task", required=True, help="task key (gsm8k, mbpp, arc_easy, math, humaneval, arc_challenge)")
-    p.add_argument("--out", required=True, help="cell path, e.g. results/raw/<model>/<method>/<task>.json")
-    p.add_argument("--model-args", default="", help="t2 model_args, comma-separated key=value "
-                   "(experts=math:P,code:P,reasoning:P is understood here)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N documents (testing)")
-    p.add_argument("--split", default="test", choices=("test", "fewshot_test"))
-    p.add_argument("--data-dir", default=None, help="canonical data dir (default: $T2EVAL_DATA_DIR or data)")
-    p.add_argument("--lm-eval-task", default=None, help="run this lm-eval task name instead of t2_<task>")
-    p.add_argument("--include-path", default=None, help="extra lm-eval task YAML directory")
-    p.add_argument("--backend", default=None, choices=("hf", "vllm"), help="overrides backend= in model args")
-    p.add_argument("--batch-size", default=None, help="lm-eval batch size (int or auto)")
-    p.add_argument("--device", default=None, help="torch device for backend=hf (default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="lm-eval random seed (numpy/torch/fewshot seeds: 1234)")
-    p.add_argument("--gen-kwargs", default=None, help="lm-eval generation overrides, e.g. max_gen_toks=64 "
-                   "(testing/benchmarks only: results then differ from the protocol)")
-    p.add_argument("--allow-code-execution", action="store_true",
-                   help="run generated code for mbpp/humaneval in the sandbox (sets HF_ALLOW_CODE_EVAL=1)")
-    p.add_argument("--model-name", default=None, help="model name written into the cell (default from --model)")
+    add_config_arguments(p, EvaluateConfig)
 
 
 def parse_model_args(text: str | dict | None) -> dict[str, Any]:
@@ -142,10 +154,11 @@ def sample_correct(sample: dict, metric: str | None = None) -> int:
 def file_inputs(model_args: dict[str, Any]) -> dict[str, Any]:
     """{argument: "path sha256"} for every file-valued t2 argument (experts, svd, alpha, adapter)."""
     from .adapt.experts import parse_experts
+    from .adapt.strategies import file_args
     from .provenance import sha256_file
 
     items: dict[str, str] = {}
-    for k in PATH_ARGS:
+    for k in file_args():
         v = model_args.get(k)
         if v and str(v) != "none":
             items[k] = str(v).split(":", 1)[1] if k == "adapter" and ":" in str(v) else str(v)
@@ -267,7 +280,8 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
     chosen_of = {d["doc_id"]: d["chosen"] for d in rec.get("dispatch", [])}
     per_sample = sorted(({"doc_id": s["doc_id"], "correct": sample_correct(s, metric),
                           "chosen": chosen_of.get(s["doc_id"])} for s in samples), key=lambda r: r["doc_id"])
-    two_pass = rec.get("strategy") in ("prompt", "cls")
+    strategy = getattr(lm, "t2_strategy", None)
+    two_pass = bool(strategy is not None and strategy.two_pass)  # a first pass chose the experts
     timing = {k: rec.get(k) for k in ("first_pass_s", "second_pass_s", "swap_s", "tokens_first", "tokens_second")}
     timing.update(total_s=eval_s, load_s=load_s, setup_swap_s=rec.get("setup_swap_s"),
                   prompt_tokens_first=rec.get("prompt_tokens_first"), dispatch_mode=rec.get("dispatch_mode"),

@@ -7,9 +7,9 @@
 
 model_args
   pretrained     registry key or HF directory (t2eval.models.resolve_model_dir)
-  backend        hf (lm-eval HFLM) | vllm (lm-eval VLLM + t2eval.backends.vllm's scale swap)
+  backend        hf (lm-eval HFLM) | vllm (t2eval.backends.vllm_lm.T2VLLM: lm-eval VLLM + scale swaps)
   adapter        none | svf:PATH | lora:PATH (peft on HF, LoRARequest on vLLM); strategy=none only
-  strategy       none | prompt | cls | fewshot
+  strategy       none | prompt | cls | fewshot (the registered strategies, t2eval.adapt.strategies)
   experts        math:P;code:P;reasoning:P  (lm-eval splits model_args on ",", so use ";" there,
                  or expert_math=P,expert_code=P,expert_reasoning=P, or JSON model_args)
   cls_expert     PATH (strategy=cls)          alpha   PATH of alpha.json (strategy=fewshot)
@@ -24,6 +24,9 @@ category labels in one forward pass instead of generating); requests are then gr
 expert, each group answered with its expert's scales loaded ("other" → base weights), and results
 returned in the original order. Few-shot loads the α-mixture once. `lm.t2_records[task]` holds
 first_pass_s, second_pass_s, swap_s, tokens_first, tokens_second and per-document dispatch rows.
+What differs between strategies (two passes or one, validation, the scales held for the run, the
+first pass, backend kwargs) is the strategy object's (`lm.t2_strategy`); this module only runs
+the passes. Weights change through `lm.t2_swapper` (`t2eval.backends.base.ScaleSwapper`).
 """
 
 from __future__ import annotations
@@ -38,13 +41,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .adapt import dispatch as dsp
-from .adapt.experts import EXPERT_NAMES, ExpertBank, load_alpha, parse_experts
+from .adapt import strategies
+from .adapt.experts import ExpertBank, parse_experts
+from .constants import EXPERT_NAMES, TASK_KEYS
 from .errors import T2EvalError
-
-STRATEGIES = ("none", "prompt", "cls", "fewshot")
-DISPATCH_MODES = ("generate", "logprob")
-T2_KEYS = ("backend", "adapter", "strategy", "experts", "cls_expert", "alpha", "svd", "dispatch", "param",
-           "shuffle_sigma", "cross_model", "cls_max_new_tokens") + tuple(f"expert_{n}" for n in EXPERT_NAMES)
 
 
 def true_task(task_name: str | None) -> str:
@@ -52,8 +52,6 @@ def true_task(task_name: str | None) -> str:
     t = task_name or "unknown"
     if not t.startswith("t2_"):
         return t
-    from .tasks import TASK_KEYS
-
     key = t[3:]
     return next((k for k in sorted(TASK_KEYS, key=len, reverse=True) if key == k or key.startswith(k + "_")), key)
 
@@ -89,26 +87,9 @@ class T2Config:
         c.validate()
         return c
 
-    def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise T2EvalError(f"strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-        if self.dispatch not in DISPATCH_MODES:
-            raise T2EvalError(f"dispatch={self.dispatch!r}: use generate or logprob")
-        kind = self.adapter.split(":", 1)[0]
-        if kind not in ("none", "svf", "lora") or (kind != "none" and ":" not in self.adapter):
-            raise T2EvalError(f"adapter={self.adapter!r}: use none, svf:PATH or lora:PATH")
-        if kind != "none" and self.strategy != "none":
-            raise T2EvalError(f"adapter={self.adapter} cannot be combined with strategy={self.strategy}: "
-                              "two-pass strategies load the experts themselves (use adapter=none)")
-        if self.strategy in ("prompt", "cls", "fewshot"):
-            missing = [n for n in EXPERT_NAMES if n not in self.experts]
-            if missing:
-                raise T2EvalError(f"strategy={self.strategy} needs the three experts; missing "
-                                  f"{', '.join(missing)}: add expert_<name>=PATH (or experts=math:P;code:P;reasoning:P)")
-        if self.strategy == "cls" and not self.cls_expert:
-            raise T2EvalError("strategy=cls needs cls_expert=PATH (the SVF expert trained on the cls task)")
-        if self.strategy == "fewshot" and not self.alpha:
-            raise T2EvalError("strategy=fewshot needs alpha=PATH (alpha.json from `t2eval fit-fewshot`)")
+    def validate(self) -> "strategies.Strategy":
+        """Check the arguments (the strategy's own checks included); returns the strategy object."""
+        return strategies.strategy_for(self)
 
     @property
     def adapter_kind(self) -> str:
@@ -123,34 +104,29 @@ class T2Config:
 
 
 class TwoPassMixin:
-    """Shared by the HF and vLLM flavours; the backend class supplies `_t2_set_scales` and generation."""
+    """Shared by the HF and vLLM flavours; the flavour supplies `t2_swapper` (a
+    `t2eval.backends.base.ScaleSwapper`) and generation. What differs between strategies is the
+    strategy object's (`self.t2_strategy`, from `t2eval.adapt.strategies`)."""
 
     t2: T2Config
     t2_records: dict[str, dict[str, Any]]
+    t2_swapper: Any
 
     # -- set-up --------------------------------------------------------------------------------
     def _t2_setup(self, cfg: T2Config) -> None:
         self.t2 = cfg
+        self.t2_strategy = cfg.validate()
         self.t2_records = {}
         self.t2_bank = ExpertBank(cfg.svd, cfg.param, cfg.shuffle_sigma, cfg.cross_model)
-        self.t2_fixed = None  # scales held for the whole run (svf adapter / fewshot mixture)
         self.t2_setup_s = 0.0
-        if cfg.adapter_kind == "svf":
-            self.t2_fixed = self.t2_bank.scales(cfg.adapter_path)
-        elif cfg.strategy == "fewshot":
-            a = load_alpha(cfg.alpha)
-            try:
-                paths = [cfg.experts[n] for n in a["experts"]]
-            except KeyError as e:
-                raise T2EvalError(f"{cfg.alpha} mixes expert {e.args[0]!r} but no path was given for it") from None
-            self.t2_alpha = a
-            self.t2_fixed = self.t2_bank.mix(paths, a["alpha"], per=a.get("per", "vector"),
-                                             normalise=bool(a.get("normalised", False)))
+        # scales held for the whole run (svf adapter / few-shot mixture)
+        self.t2_fixed = self.t2_strategy.setup(self.t2_bank)
         if self.t2_fixed is not None:
             self.t2_setup_s = self._t2_set_scales(self.t2_fixed)
 
-    def _t2_set_scales(self, scales) -> float:  # pragma: no cover - provided by the flavour
-        raise NotImplementedError
+    def _t2_set_scales(self, scales) -> float:
+        """W' = U diag(σ ⊙ s) Vᵀ for the named matrices (None: base weights); seconds spent."""
+        return self.t2_swapper.set_scales(scales)
 
     @property
     def _t2_base(self):
@@ -190,12 +166,13 @@ class TwoPassMixin:
         return out
 
     def _t2_record(self, task: str) -> dict[str, Any]:
+        two = self.t2_strategy.two_pass
         return self.t2_records.setdefault(task, {
             "true_task": true_task(task), "strategy": self.t2.strategy,
-            "dispatch_mode": self.t2.dispatch if self.t2.strategy in ("prompt", "cls") else None,
-            "first_pass_s": None if self.t2.strategy not in ("prompt", "cls") else 0.0,
+            "dispatch_mode": self.t2_strategy.dispatch_mode,
+            "first_pass_s": 0.0 if two else None,
             "second_pass_s": 0.0, "swap_s": 0.0, "setup_swap_s": self.t2_setup_s,
-            "tokens_first": None if self.t2.strategy not in ("prompt", "cls") else 0,
+            "tokens_first": 0 if two else None,
             "tokens_second": 0, "prompt_tokens_first": 0, "requests": 0, "groups": {}, "dispatch": []})
 
     def _t2_answer(self, kind: str, reqs, disable_tqdm: bool, rec: dict) -> list:
@@ -211,9 +188,8 @@ class TwoPassMixin:
     def _t2_task(self, kind: str, task: str, reqs: list, disable_tqdm: bool) -> list:
         rec = self._t2_record(task)
         rec["requests"] += len(reqs)
-        if self.t2.strategy not in ("prompt", "cls"):
-            chosen = "fewshot" if self.t2.strategy == "fewshot" else (
-                self.t2.adapter_kind if self.t2.adapter_kind != "none" else "base")
+        if not self.t2_strategy.two_pass:
+            chosen = self.t2_strategy.label
             seen = {d["doc_id"] for d in rec["dispatch"]}
             for r in reqs:
                 if r.doc_id not in seen:
@@ -225,7 +201,8 @@ class TwoPassMixin:
         return self._t2_second_pass(kind, reqs, known, disable_tqdm, rec)
 
     def _t2_first_pass(self, reqs: list, rec: dict) -> dict[Any, str]:
-        """doc_id -> chosen expert ("other" = base), dispatching every new document in one batch."""
+        """doc_id -> chosen expert ("other" = base), dispatching every new document in one batch
+        (the strategy's `choose`, with its first-pass scales loaded)."""
         docs: OrderedDict[Any, str] = OrderedDict()
         for r in reqs:
             if r.doc_id not in docs:
@@ -234,19 +211,7 @@ class TwoPassMixin:
         todo = [d for d in docs if d not in known]
         if not todo:
             return known
-        questions = [docs[d] for d in todo]
-        if self.t2.strategy == "cls":
-            rec["swap_s"] += self._t2_set_scales(self.t2_bank.scales(self.t2.cls_expert))
-        t0 = time.perf_counter()
-        if self.t2.dispatch == "logprob":
-            result = dsp.dispatch_logprob(questions, self.tokenizer, self._t2_score,
-                                          getattr(self, "_t2_next_token_logprobs", None))
-        else:
-            result = dsp.dispatch_generate(questions, self.tokenizer, self._t2_generate,
-                                           max_new_tokens=self.t2.cls_max_new_tokens)
-        rec["first_pass_s"] += time.perf_counter() - t0
-        if self.t2.strategy == "cls":
-            rec["swap_s"] += self._t2_set_scales(None)
+        result = strategies.timed_first_pass(self.t2_strategy, self, [docs[d] for d in todo], rec["true_task"], rec)
         rec["tokens_first"] += result.tokens
         rec["prompt_tokens_first"] += result.prompt_tokens
         for d, cat, exp, raw in zip(todo, result.categories, result.experts, result.raw):
@@ -279,7 +244,8 @@ class TwoPassMixin:
         return info
 
 
-def _split_t2_kwargs(kwargs: dict) -> tuple[T2Config, str, dict]:
+def split_t2_kwargs(kwargs: dict) -> tuple[T2Config, str, dict]:
+    """(t2 configuration, backend, the remaining kwargs for lm-eval's HFLM / VLLM)."""
     kw = dict(kwargs)
     backend = str(kw.pop("backend", "hf") or "hf")
     if backend not in ("hf", "vllm"):
@@ -288,7 +254,7 @@ def _split_t2_kwargs(kwargs: dict) -> tuple[T2Config, str, dict]:
     return cfg, backend, kw
 
 
-def _resolve(pretrained) -> str:
+def resolve_pretrained(pretrained) -> str:
     from .models.loading import resolve_model_dir
 
     return str(resolve_model_dir(str(pretrained)))
@@ -296,21 +262,25 @@ def _resolve(pretrained) -> str:
 
 @register_model("t2")
 class T2LM(TwoPassMixin, HFLM):
-    """backend=hf flavour (also the registered class; backend=vllm returns a `T2VLLM`)."""
+    """backend=hf flavour (also the registered class; backend=vllm returns a
+    `t2eval.backends.vllm_lm.T2VLLM`)."""
 
     def __new__(cls, *args, **kwargs):
         if cls is T2LM and str(kwargs.get("backend", "hf")) == "vllm":
-            return make_vllm(*args, **kwargs)
+            from .backends.vllm_lm import T2VLLM
+
+            return T2VLLM(*args, **kwargs)
         return super().__new__(cls)
 
     def __init__(self, pretrained, dtype: str = "float32", batch_size=1, device: str = "cpu", **kwargs):
-        cfg, _, kw = _split_t2_kwargs(kwargs)
-        if cfg.adapter_kind == "lora":
-            kw["peft"] = cfg.adapter_path
-        self.t2_pretrained_dir = _resolve(pretrained)
+        from .backends.hf import HFScaleSwapper
+
+        cfg, _, kw = split_t2_kwargs(kwargs)
+        cfg.validate().hf_kwargs(kw)  # e.g. peft= for adapter=lora:PATH
+        self.t2_pretrained_dir = resolve_pretrained(pretrained)
         super().__init__(pretrained=self.t2_pretrained_dir, backend="causal", dtype=dtype,
                          batch_size=batch_size, device=device, **kw)
-        self._t2_patcher = None
+        self.t2_swapper = HFScaleSwapper(self.model, lambda: self.t2_bank.svd)
         self._t2_setup(cfg)
 
     def _t2_next_token_logprobs(self, prompts: list[str]):
@@ -320,94 +290,3 @@ class T2LM(TwoPassMixin, HFLM):
 
         bs = self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 8
         return next_token_logprobs(self.model, self.tokenizer, prompts, batch_size=bs, device=self.device)
-
-    def _t2_set_scales(self, scales) -> float:
-        t0 = time.perf_counter()
-        if scales is None:
-            if self._t2_patcher is not None:
-                self._t2_patcher.restore()
-            return time.perf_counter() - t0
-        if self._t2_patcher is None:
-            from .svf import SVFPatcher
-
-            self._t2_patcher = SVFPatcher(self.model, self.t2_bank.svd)
-        self._t2_patcher.apply(scales)
-        return time.perf_counter() - t0
-
-
-_VLLM_CLS = None
-
-
-def make_vllm(pretrained, dtype: str = "float32", batch_size="auto", **kwargs):
-    """Build the backend=vllm flavour (lm-eval's VLLM + the vLLM engineer's scale swap)."""
-    global _VLLM_CLS
-    if _VLLM_CLS is None:
-        from .backends.vllm import lm_eval_vllm_class
-
-        VLLM = lm_eval_vllm_class()
-
-        class T2VLLM(TwoPassMixin, VLLM):
-            def __init__(self, pretrained, dtype="float32", batch_size="auto", **kwargs):
-                from .backends import vllm as vb
-
-                cfg, _, kw = _split_t2_kwargs(kwargs)
-                kw.pop("device", None)
-                # fail before the engine starts (tens of seconds), not after
-                if (cfg.adapter_kind == "svf" or cfg.strategy != "none") and not cfg.svd:
-                    ExpertBank(None).svd  # noqa: B018 - raises the "add svd=<cache path>" error
-                if cfg.adapter_kind == "lora":
-                    vb.lora_request(cfg.adapter_path)  # raises unless it is a peft adapter directory
-                    kw["lora_local_path"] = cfg.adapter_path
-                if cfg.svd or cfg.adapter_kind == "svf" or cfg.strategy != "none":
-                    from .backends.vllm_worker import EXTENSION
-
-                    kw.setdefault("worker_extension_cls", EXTENSION)  # SVF swaps inside the workers
-                    kw.setdefault("enforce_eager", True)
-                if cfg.strategy in ("prompt", "cls"):
-                    kw.setdefault("max_logprobs", -1)  # dispatch=logprob reads full next-token rows
-                kw.update(vb.cpu_engine_defaults(kw))
-                # lm-eval's VLLM passes its own chat_template= next to **chat_template_args: a
-                # chat_template there (the code tasks' template, see evaluate.py) replaces that one
-                cta = dict(kw.pop("chat_template_args", None) or {})
-                template = cta.pop("chat_template", None)
-                self.t2_pretrained_dir = _resolve(pretrained)
-                super().__init__(pretrained=self.t2_pretrained_dir, dtype=dtype, batch_size=batch_size,
-                                 chat_template_args=cta, **kw)
-                if template is not None:
-                    self.hf_chat_template = template
-                self._t2_setup(cfg)
-
-            def _t2_next_token_logprobs(self, prompts: list[str]):
-                """Log-probabilities of the token after each prompt (dispatch=logprob's one-pass
-                path): one greedy step per prompt returning the full vocabulary's logprobs, instead of
-                lm-eval's loglikelihood (prompt logprobs over every position of every (prompt, label))."""
-                import torch
-                from vllm import SamplingParams, TokensPrompt
-
-                mc = self.model.llm_engine.model_config
-                vocab = mc.get_vocab_size()
-                if mc.max_logprobs != -1 and mc.max_logprobs < vocab:
-                    raise T2EvalError(f"this vLLM engine returns at most {mc.max_logprobs} logprobs per token; "
-                                      "dispatch=logprob needs the full row: start it with max_logprobs=-1")
-                ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-                sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False)
-                outs = self.model.generate([TokensPrompt(prompt_token_ids=x) for x in ids], sp, use_tqdm=False,
-                                           lora_request=self.lora_request)
-                rows = []
-                for o in outs:
-                    flat = o.outputs[0].logprobs
-                    s, e = flat.start_indices[0], flat.end_indices[0]
-                    row = torch.full((vocab,), float("-inf"))
-                    row[torch.tensor(flat.token_ids[s:e])] = torch.tensor(flat.logprobs[s:e], dtype=torch.float32)
-                    rows.append(row)
-                return rows
-
-            def _t2_set_scales(self, scales) -> float:
-                from .backends import vllm as vb
-
-                if scales is None and self.t2.svd is None:
-                    return 0.0
-                return vb.swap_scales(self.model, scales, self.t2.svd, mode="worker", model_dir=self.t2_pretrained_dir)
-
-        _VLLM_CLS = T2VLLM
-    return _VLLM_CLS(pretrained, dtype=dtype, batch_size=batch_size, **kwargs)

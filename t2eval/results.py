@@ -19,10 +19,11 @@ A cell holds everything the tables and figures need, so reports are recomputed f
 }
 ```
 
-Method names (`METHODS`): base, lora, svf, t2-prompt, t2-cls, t2-fewshot, the Table 4 ablations
-(svf-attn, svf-mlp+attn, svf-ntp, lora-pg, lora-mlp+attn), the cross-model rows (xfer-svf,
-xfer-svf-shuffled, xfer-fewshot) and one `lora-<task>` per task-LoRA (lora-gsm8k, lora-mbpp,
-lora-arc_easy). Other lowercase names are accepted (user variants) and simply not placed in tables.
+Method names: the registered strategies' (`t2eval.adapt.strategies.known_methods()`): base, lora,
+svf, t2-prompt, t2-cls, t2-fewshot, the Table 4 ablations (svf-attn, svf-mlp+attn, svf-ntp, lora-pg,
+lora-mlp+attn), the cross-model rows (xfer-svf, xfer-svf-shuffled, xfer-fewshot) and one
+`lora-<task>` per task-LoRA (lora-gsm8k, lora-mbpp, lora-arc_easy). Other lowercase names are
+accepted (user variants) and simply not placed in tables.
 Which cell each table row reads is documented in `t2eval.report.tables`.
 """
 
@@ -31,22 +32,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .constants import METRIC_OF_TASK as TASK_METRIC
+from .constants import TRAIN_TASKS as TRAINING_TASKS
+from .constants import UNSEEN_TASKS
 from .errors import CorruptArtifactError, T2EvalError
 
 SCHEMA = "t2eval.cell/1"
-TRAINING_TASKS = ("gsm8k", "mbpp", "arc_easy")
-UNSEEN_TASKS = ("math", "humaneval", "arc_challenge")
-TASKS = TRAINING_TASKS + UNSEEN_TASKS
-TASK_METRIC = {"gsm8k": "acc", "mbpp": "pass@1", "arc_easy": "acc", "math": "acc",
-               "humaneval": "pass@1", "arc_challenge": "acc", "cls": "acc"}
-TASK_LORAS = tuple(f"lora-{t}" for t in TRAINING_TASKS)
-METHODS = ("base", "lora", "svf", "t2-prompt", "t2-cls", "t2-fewshot",
-           "svf-attn", "svf-mlp+attn", "svf-ntp", "lora-pg", "lora-mlp+attn",
-           "xfer-svf", "xfer-svf-shuffled", "xfer-fewshot") + TASK_LORAS
 MODELS = ("llama3-8b", "mistral-7b", "llama3-70b", "smollm2-135m")
 SPLITS = ("test", "fewshot_test")
 TIMING_FIELDS = ("first_pass_s", "second_pass_s", "swap_s", "tokens_first", "tokens_second", "total_s")
@@ -233,6 +227,3 @@ def index(cells: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], Mapp
     """{(model, method, task): cell}."""
     return {(c["model"], c["method"], c["task"]): c for c in cells}
 
-
-def is_known_method(method: str) -> bool:
-    return method in METHODS or bool(re.fullmatch(r"lora-[a-z0-9_]+", method))

@@ -14,7 +14,8 @@ a fixed set of values, its choices) in `field(metadata=...)`, built with `opt(..
 
 Rules of the generated CLI: the flag is `--` + the field name with "_" → "-"; a bool field
 defaulting to False is a `--flag`, one defaulting to True is `--no-flag` (unless `flag=` names it);
-tuple/list fields take a comma-separated string; `int | None` / `float | None` fields accept "none".
+tuple/list fields take a comma-separated string (or, with `nargs="+"`, space-separated values);
+`int | None` / `float | None` fields accept "none"; `positional=True` makes a positional argument.
 `argv(cfg_or_dict, cls)` renders the command-line tokens for given values (what the workflow passes
 to rules), so the workflow and the parser cannot disagree.
 """
@@ -31,11 +32,18 @@ _MISSING = dataclasses.MISSING
 
 
 def opt(default: Any = _MISSING, *, help: str, choices: Iterable[Any] | None = None, required: bool = False,
-        flag: str | None = None, cli: bool = True, default_factory: Any = _MISSING) -> Any:
+        flag: str | None = None, cli: bool = True, default_factory: Any = _MISSING, positional: bool = False,
+        nargs: str | None = None) -> Any:
     """A dataclass field with CLI metadata. `required=True` fields have no default (a value must be
-    given); `cli=False` keeps a field out of the command line (set programmatically)."""
+    given); `cli=False` keeps a field out of the command line (set programmatically);
+    `positional=True` is a required positional argument; `nargs="+"` (tuple/list fields) takes
+    space-separated values instead of one comma-separated string."""
+    if nargs not in (None, "+", "*"):
+        raise ValueError(f"nargs={nargs!r}: only '+' or '*' are supported")
+    if positional:
+        required = True
     md = {"help": help, "choices": tuple(choices) if choices is not None else None, "required": required,
-          "flag": flag, "cli": cli}
+          "flag": flag, "cli": cli, "positional": positional, "nargs": nargs}
     if required:
         default = None
     if default_factory is not _MISSING:
@@ -69,12 +77,16 @@ def flag_of(f: dataclasses.Field, tp: Any) -> str:
     return f"--{name}"
 
 
+def _item_converter(tp: Any):
+    inner = (typing.get_args(tp) or (str,))[0]
+    inner = inner if inner is not Ellipsis else str
+    return inner if inner in (int, float, str) else str
+
+
 def _converter(tp: Any, optional: bool):
     origin = typing.get_origin(tp)
     if origin in (tuple, list):
-        inner = (typing.get_args(tp) or (str,))[0]
-        inner = inner if inner is not Ellipsis else str
-        conv = inner if inner in (int, float, str) else str
+        conv = _item_converter(tp)
 
         def parse_seq(s: str):
             vals = [conv(x) for x in str(s).split(",") if x.strip()]
@@ -106,6 +118,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, dest=f.name, action=action, default=default, help=help_text)
             continue
         kw: dict[str, Any] = {"dest": f.name, "help": help_text, "type": _converter(tp, optional)}
+        if md.get("nargs"):
+            kw.update(nargs=md["nargs"], type=_item_converter(tp))
+        if md.get("positional"):
+            kw.pop("dest")
+            kw["help"] = help_text
+            if md.get("choices"):
+                kw["choices"] = md["choices"]
+            parser.add_argument(f.name, **kw)
+            continue
         if md.get("required"):
             kw["required"] = True
         else:
@@ -135,6 +156,7 @@ def argv(values: Any, cls: type) -> list[str]:
         raise KeyError(f"{cls.__name__} has no option(s) {', '.join(sorted(unknown))}")
     hints = _hints(cls)
     out: list[str] = []
+    positionals: list[str] = []
     for f in cli_fields(cls):
         if f.name not in src:
             if f.metadata.get("required"):
@@ -148,15 +170,20 @@ def argv(values: Any, cls: type) -> list[str]:
             v = tuple(v)
         if not f.metadata.get("required") and v == default:
             continue
+        if f.metadata.get("positional"):
+            positionals.append(str(v))
+            continue
         flag = flag_of(f, tp)
         if tp is bool:
             if bool(v) != bool(default):
                 out.append(flag)
             continue
-        if v is None:
+        if f.metadata.get("nargs") and isinstance(v, (tuple, list)):
+            out += [flag, *map(str, v)]
+        elif v is None:
             out += [flag, "none"]
         elif isinstance(v, (tuple, list)):
             out += [flag, ",".join(map(str, v))]
         else:
             out += [flag, str(v)]
-    return out
+    return positionals + out

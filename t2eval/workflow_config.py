@@ -1,21 +1,28 @@
-"""Workflow configuration: defaults (the code release's protocol), merging, and validation.
+"""Workflow configuration: defaults, merging, and validation.
 
-`load(config_dict, source)` deep-merges the user's config over `DEFAULTS`, validates it against
-`workflow/schemas/config.schema.yaml` and returns the merged dict. Errors name the key path, the bad
-value and what is allowed, e.g. `train_svf.iterations: -1 is less than the minimum of 1`.
+`load(config_dict, source)` deep-merges the user's config over `DEFAULTS`, validates it against the
+package's `t2eval/resources/config.schema.yaml` and returns the merged dict. Errors name the key path,
+the bad value and what is allowed, e.g. `train_svf.iterations: -1 is less than the minimum of 1`.
+
+Defaults live in one place each: `DEFAULTS` holds the workflow's own settings (which models, tasks,
+methods and cells; per-model settings; resources). The options of a stage (`train_svf.lr`,
+`fewshot.population`, ...) have no entry here: a config that leaves one out gets the stage's own
+default (the option dataclass of `t2eval <stage>`; `t2eval.plan.stage_argv` passes only what is set).
 """
 
 from __future__ import annotations
 
 import copy
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from .constants import TRAIN_TASKS, UNSEEN_TASKS
 from .errors import T2EvalError
+from .adapt.strategies import methods_of
 
-SCHEMA = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = Path(str(resources.files("t2eval").joinpath("resources/config.schema.yaml")))
 
-# PROTOCOL §3-§6 (code release choices); workflow/config/paper.yaml spells them out again.
 DEFAULTS: dict[str, Any] = {
     "name": "unnamed",
     "model_paths": {},
@@ -26,21 +33,14 @@ DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "data": {"dir": "data", "mirror": None},
     "svd": {"targets": "mlp", "layers": "all"},
-    "train_svf": {"tasks": ["gsm8k", "mbpp", "arc_easy"], "cls": True, "cls_variant": "cls",
-                  "iterations": 200, "batch_size": 256, "micro_batch": 8, "max_new_tokens": 512,
-                  "eval_every": 10, "eval_limit": None, "eval_splits": "train,valid,test", "kl_coef": 0.0, "kl_sweep": [],
-                  "optimizer": "adam", "param": "code", "lr": 2e-3},
-    "train_lora": {"tasks": ["gsm8k", "mbpp", "arc_easy"], "iterations": 200, "batch_size": 256,
-                   "micro_batch": 8, "lr": 5e-5, "eval_every": 10, "eval_limit": None, "eval_splits": "valid",
-                   "max_new_tokens": 512},
-    "fewshot": {"tasks": ["math", "humaneval", "arc_challenge"], "iterations": 100, "population": 32,
-                "elite": 0.2, "init_std": 0.5, "per": "vector", "normalise": False, "max_new_tokens": 512},
+    "train_svf": {"tasks": list(TRAIN_TASKS), "cls_variant": "cls", "kl_sweep": []},
+    "train_lora": {"tasks": list(TRAIN_TASKS)},
+    "fewshot": {"tasks": list(UNSEEN_TASKS)},
     "evaluate": {"methods": ["base", "lora", "svf", "t2-prompt", "t2-cls", "t2-fewshot"],
-                 "train_tasks": ["gsm8k", "mbpp", "arc_easy"], "unseen_tasks": ["math", "humaneval", "arc_challenge"],
+                 "train_tasks": list(TRAIN_TASKS), "unseen_tasks": list(UNSEEN_TASKS),
                  "limit": None, "max_new_tokens": None, "dispatch": "generate", "batch_size": 8},
     "allow_code_execution": False,
-    "ablations": {"models": [], "methods": ["svf-attn", "svf-mlp+attn", "svf-ntp", "lora-pg", "lora-mlp+attn"],
-                  "tasks": ["gsm8k", "math"]},
+    "ablations": {"models": [], "methods": methods_of("ablations"), "tasks": ["gsm8k", "math"]},
     "cross_model": [],
     "resources": {
         "prepare": {"gpus": 0, "mem_mb": 32000, "runtime": 60, "threads": 4},

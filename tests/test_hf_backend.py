@@ -102,3 +102,34 @@ def test_packed_completion_logits_equal_padded_ones_and_skip_padding(backend, mo
     assert rows.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2]
     assert targets.tolist() == [11, 12, 13, 21, 31, 32, 33, 34, 35] == tgt[cmask].tolist()
     assert torch.allclose(logits, ref[cmask], atol=1e-5)
+
+
+def test_one_factory_and_one_swap_interface(tmp_path):
+    """`make_backend` builds the rollout backend; it and the lm-eval model `t2` swap weights through
+    the same `ScaleSwapper`, and load identical weights for the same scales."""
+    from t2eval import svf
+    from t2eval.backends import make_backend
+    from t2eval.backends.base import Backend, ScaleSwapper
+    from t2eval.backends.hf import HFBackend, HFScaleSwapper
+    from t2eval.errors import T2EvalError
+    from t2eval.lm import T2LM
+    from t2eval.svd import decompose, load_svd
+
+    decompose(tiny_model_dir(0), "mlp", tmp_path / "svd.safetensors")
+    svd = load_svd(tmp_path / "svd.safetensors")
+    be = make_backend("hf", tiny_model_dir(0), svd=svd, batch_size=4)
+    assert type(be) is HFBackend and be.batch_size == 4 and isinstance(be, Backend)
+    lm = T2LM(pretrained=str(tiny_model_dir(0)), svd=str(tmp_path / "svd.safetensors"))
+    assert type(be.swapper) is type(lm.t2_swapper) is HFScaleSwapper and isinstance(lm.t2_swapper, ScaleSwapper)
+    scales = svf.scales({n: torch.linspace(-2, 2, svd.rank(n)) for n in svd.names}, svd)
+    assert be.set_scales(scales) >= 0 and lm._t2_set_scales(scales) >= 0
+    for n in svd.names:
+        assert torch.equal(be.model.get_parameter(n), lm.model.get_parameter(n))
+    lm._t2_set_scales(None)
+    be.close()
+    with pytest.raises(T2EvalError, match="unknown backend 'tpu'"):
+        make_backend("tpu", tiny_model_dir(0))
+    with pytest.raises(T2EvalError, match="engine arguments"):
+        make_backend("hf", tiny_model_dir(0), max_model_len=8)
+    with pytest.raises(T2EvalError, match="svd=<cache path>"):
+        HFBackend(tiny_model_dir(0)).set_scales(scales)

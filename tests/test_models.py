@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from t2eval.config import model_registry, model_spec
+from t2eval.config import guess_family, model_registry, model_spec
 from t2eval.errors import MissingModelError, T2EvalError
 from t2eval.models.loading import resolve_model_dir
+from t2eval.tasks import get_task
 
 
 def _logits(model, tok, text="<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"):
@@ -81,8 +82,9 @@ def test_tiny_model_is_deterministic(tmp_path):
 def test_registry_has_the_protocol_models():
     reg = model_registry()
     assert reg["smollm2-135m"].source == "embedded"
-    assert reg["llama3-8b"].hub_id == "meta-llama/Meta-Llama-3-8B-Instruct" and reg["llama3-8b"].arc_prefill
-    assert reg["mistral-7b"].hub_id == "mistralai/Mistral-7B-Instruct-v0.3" and not reg["mistral-7b"].arc_prefill
+    arc = get_task("arc_easy")  # PROTOCOL §5: only Llama-3 gets the ARC pre-fill, by its registry family
+    assert reg["llama3-8b"].hub_id == "meta-llama/Meta-Llama-3-8B-Instruct" and arc.prefill({}, reg["llama3-8b"].family)
+    assert reg["mistral-7b"].hub_id == "mistralai/Mistral-7B-Instruct-v0.3" and not arc.prefill({}, reg["mistral-7b"].family)
     assert reg["llama3-70b"].svf_layers == "half"
 
 
@@ -95,7 +97,10 @@ def test_local_dir_resolves(tiny_model, tmp_path):
     own.mkdir()
     shutil.copy(tiny_model / "config.json", own / "config.json")
     spec = model_spec(str(own))  # any other HF dir: a local model, family guessed from its name
-    assert spec.source == "local" and spec.family == "llama3" and spec.arc_prefill
+    assert spec.source == "local" and spec.family == "llama3" and get_task("arc_easy").prefill({}, spec.family)
+    for name, family in (("Mistral-7B-v0.3-mine", "mistral"), ("SmolLM2-360M", "smollm2")):
+        assert guess_family(name) == family
+    assert guess_family("gpt2-finetune") is None
 
 
 def test_unknown_model_error(tmp_path):

@@ -330,3 +330,24 @@ def test_cli_end_to_end_arc_easy(tiny, svd_path, tmp_path, data_mirror):
     assert (out / "log.jsonl").read_bytes() == before
     # a user error is a clean exit 2
     assert main(argv[:-1] + ["--no-progress", "--micro-batch", "0"]) == 2
+
+
+@pytest.mark.parametrize("module,cls", [("svf_cli", "SVFTrainConfig"), ("lora_cli", "LoRATrainConfig")])
+def test_cli_options_are_the_config_fields(module, cls):
+    """The CLI is generated from the stage config: defaults round-trip, and rendered values parse back."""
+    import argparse
+    import importlib
+
+    from t2eval import stage_config
+    from t2eval.train import configs
+
+    Cfg = getattr(configs, cls)
+    p = argparse.ArgumentParser()
+    importlib.import_module(f"t2eval.train.{module}").add_arguments(p)
+    req = dict(model="m", task="gsm8k", out="o", **({"svd": "s"} if cls == "SVFTrainConfig" else {}))
+    assert stage_config.from_args(Cfg, p.parse_args(stage_config.argv(req, Cfg))) == Cfg(**req)
+    changed = Cfg(**req, iterations=3, eval_splits=("valid", "test"), max_new_tokens=None, eval_limit=5,
+                  progress=False, threads=1, lr=0.25)
+    argv = stage_config.argv(changed, Cfg)
+    assert "--no-progress" in argv and argv[argv.index("--eval-splits") + 1] == "valid,test"
+    assert stage_config.from_args(Cfg, p.parse_args(argv)) == changed

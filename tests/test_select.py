@@ -34,3 +34,14 @@ def test_run_without_validation_scores_is_refused(tmp_path):
         select([a], tmp_path / "out")
     with pytest.raises(T2EvalError, match="missing"):
         select([tmp_path / "nope"], tmp_path / "out")
+
+
+def test_cli_takes_candidates_space_separated(tmp_path, capsys):
+    from t2eval.cli import main
+
+    a = _run(tmp_path / "kl0.0", [0.2])
+    b = _run(tmp_path / "kl0.1", [0.6])
+    c = _run(tmp_path / "kl0.2", [0.4])
+    assert main(["select-expert", "--candidates", str(a), str(b), str(c), "--out", str(tmp_path / "svf")]) == 0
+    rec = json.loads((tmp_path / "svf" / "selection.json").read_text())
+    assert rec["selected"] == str(b) and [x["dir"] for x in rec["candidates"]] == [str(a), str(b), str(c)]

@@ -104,3 +104,58 @@ def test_bad_config_stops_snakemake_with_a_clear_message(tmp_path):
     r = _dry_run("--configfile", str(bad))
     assert r.returncode != 0
     assert "evaluate.limit" in (r.stdout + r.stderr) or "limit" in (r.stdout + r.stderr)
+
+
+def test_schema_ships_in_the_package_without_defaults():
+    import t2eval
+    from t2eval.constants import TRAIN_TASKS, UNSEEN_TASKS
+    from t2eval.workflow_config import SCHEMA
+
+    assert SCHEMA.is_file() and Path(t2eval.__file__).parent in SCHEMA.resolve().parents
+    assert (REPO / "workflow" / "schemas" / "config.schema.yaml").resolve() == SCHEMA.resolve()
+    text = SCHEMA.read_text()
+    assert "default:" not in text  # defaults live in DEFAULTS or the stage dataclasses, never here
+    schema = yaml.safe_load(text)
+    assert tuple(schema["definitions"]["task_train"]["enum"]) == TRAIN_TASKS
+    assert tuple(schema["definitions"]["task_unseen"]["enum"]) == UNSEEN_TASKS
+
+
+def test_workflow_defaults_hold_no_stage_options():
+    """Stage options (lr, iterations, ...) have one default: the stage's dataclass."""
+    from t2eval.workflow_config import DEFAULTS
+
+    for section in ("train_svf", "train_lora", "fewshot"):
+        assert set(DEFAULTS[section]) <= P.WORKFLOW_KEYS[section], section
+    cfg = load(CONFIGS["micro"])
+    assert "lr" not in cfg["train_svf"] and "--lr" not in P.stage_argv(cfg, "train-svf", model="tiny-llama",
+                                                                        task="gsm8k", svf_variant="svf")
+
+
+def test_stage_argv():
+    cfg = load(CONFIGS["paper"])
+    xfer = P.stage_argv(cfg, "fit-fewshot", model="mistral-7b", task="math", source="llama3-8b")
+    own = P.stage_argv(cfg, "fit-fewshot", model="mistral-7b", task="math")
+    assert "--allow-cross-model" in xfer and "--allow-cross-model" not in own
+    assert xfer[xfer.index("--experts") + 1].startswith("math:experts/llama3-8b/svf/gsm8k/")
+    assert xfer[xfer.index("--out") + 1] == "experts/mistral-7b/fewshot-from-llama3-8b/math"
+    kl = P.stage_argv(cfg, "train-svf", model="llama3-8b", task="mbpp", kl="0.2")
+    assert kl[kl.index("--kl-coef") + 1] == "0.2" and kl[kl.index("--out") + 1] == "experts/llama3-8b/svf-kl0.2/mbpp"
+    ntp = P.stage_argv(cfg, "train-svf", model="llama3-8b", task="gsm8k", svf_variant="svf-ntp")
+    assert ntp[ntp.index("--svd") + 1] == "svd/llama3-8b-attn.safetensors" and "ntp" in ntp
+    sel = P.stage_argv(cfg, "select-expert", model="llama3-8b", task="gsm8k")
+    assert sel[sel.index("--candidates") + 1:sel.index("--candidates") + 5] == [
+        f"experts/llama3-8b/svf-kl{k}/gsm8k" for k in (0.0, 0.1, 0.2, 0.3)]
+    ev = P.stage_argv(cfg, "evaluate", model="llama3-70b", method="t2-prompt", task="math")
+    assert "tensor_parallel_size=4" in ev[ev.index("--model-args") + 1]
+    assert P.stage_shell(cfg, "tables") == "t2eval tables"
+    with pytest.raises(ValueError, match="unknown t2eval subcommand"):
+        P.stage_argv(cfg, "nonsense")
+
+
+def test_published_numbers_default_to_the_repos_csv(monkeypatch):
+    from t2eval.report import published
+
+    monkeypatch.delenv(published.PUBLISHED_ENV, raising=False)
+    path = published.default_published_path()
+    assert path.resolve() == (REPO / "results" / "published" / "paper_numbers.csv").resolve() and path.is_file()
+    assert "/work/shared" not in Path(published.__file__).read_text()

@@ -20,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..constants import EXPERT_NAMES, TASK_KEYS
+
 # category -> expert name (None = base weights). PROTOCOL §6: "other" uses the base model.
-EXPERT_OF = {"code": "code", "math": "math", "reasoning": "reasoning"}
+EXPERT_OF = {e: e for e in EXPERT_NAMES}
 ANSWER_PREFIX = "Classification: \\boxed{"  # the format the classification prompt asks for
 
 
@@ -135,8 +137,6 @@ def question_of(tokenizer, task_name: str | None, doc: dict | None, rendered: st
     requests (`tasks.cls.question_text`), else the last user turn of the rendered context."""
     key = (task_name or "")[3:] if (task_name or "").startswith("t2_") else None
     if key and doc:
-        from ..tasks import TASK_KEYS
-
         base = next((k for k in sorted(TASK_KEYS, key=len, reverse=True) if key == k or key.startswith(k + "_")), None)
         if base:
             try:

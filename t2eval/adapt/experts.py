@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..constants import EXPERT_NAMES
 from ..errors import T2EvalError
-
-EXPERT_NAMES = ("math", "code", "reasoning")
 
 
 def parse_experts(value) -> dict[str, str]:

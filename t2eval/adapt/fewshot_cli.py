@@ -14,47 +14,51 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..constants import UNSEEN_TASKS
 from ..errors import T2EvalError
+from ..stage_config import add_arguments as _add_arguments, opt
 
 log = logging.getLogger(__name__)
-FEWSHOT_TASKS = ("math", "humaneval", "arc_challenge")
+
+
+@dataclass
+class FitFewshotConfig:
+    """Options of `t2eval fit-fewshot` (the CLI is generated from these fields)."""
+
+    model: str = opt(help="registry key or HF directory", required=True)
+    svd: str = opt(help="SVD cache of the model (t2eval decompose)", required=True)
+    experts: str = opt(help="math:PATH,code:PATH,reasoning:PATH (order = α order)", required=True)
+    task: str = opt(help="unseen task: " + ", ".join(UNSEEN_TASKS), required=True)
+    out: str = opt(help="output directory (alpha.json, log.jsonl, state.json)", required=True)
+    iterations: int = opt(100, help="CEM iterations (paper: up to 100; code script: 50)")
+    population: int = opt(32, help="CEM population size")
+    elite: float = opt(0.2, help="elite ratio")
+    init_std: float = opt(0.5, help="initial standard deviation of the α distribution")
+    per: str = opt("vector", help="one α per expert (vector) or per expert and matrix (matrix)",
+                   choices=("vector", "matrix"))
+    normalise: bool = opt(False, help="α normalised to sum to 1 when mixing")
+    seed: int = opt(0, help="CEM seed")
+    backend: str = opt("hf", help="generation backend", choices=("hf", "vllm"))
+    data_dir: str | None = opt(None, help="canonical data dir (default: $T2EVAL_DATA_DIR or data)")
+    param: str | None = opt(None, help="SVF parameterisation (default: the experts' own)", choices=("code", "paper"))
+    dtype: str = opt("float32", help="model dtype")
+    device: str = opt("cpu", help="torch device (backend hf)")
+    batch_size: int = opt(16, help="generation batch size (backend hf)")
+    max_new_tokens: int | None = opt(None, help="override the task's (testing only)")
+    allow_code_execution: bool = opt(False, help="needed for humaneval (sandboxed)")
+    allow_cross_model: bool = opt(False, help="the experts were trained on another base model of the same "
+                                  "shapes (Table 5 cross-model transfer); without it they are refused")
+
+
+CONFIG = FitFewshotConfig
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="registry key or HF directory")
-    p.add_argument("--svd", required=True, help="SVD cache of the model (t2eval decompose)")
-    p.add_argument("--experts", required=True, help="math:PATH,code:PATH,reasoning:PATH (order = α order)")
-    p.add_argument("--task", required=True, help="unseen task: math, humaneval or arc_challenge")
-    p.add_argument("--out", required=True, help="output directory (alpha.json, log.jsonl, state.json)")
-    p.add_argument("--iterations", type=int, default=100, help="CEM iterations (paper: up to 100; code script: 50)")
-    p.add_argument("--population", type=int, default=32)
-    p.add_argument("--elite", type=float, default=0.2, help="elite ratio")
-    p.add_argument("--init-std", type=float, default=0.5)
-    p.add_argument("--per", choices=("vector", "matrix"), default="vector",
-                   help="one α per expert (vector) or per expert and matrix (matrix)")
-    p.add_argument("--normalise", action="store_true", help="α normalised to sum to 1 when mixing")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=("hf", "vllm"), default="hf")
-    p.add_argument("--data-dir", default=None, help="canonical data dir (default: $T2EVAL_DATA_DIR or data)")
-    p.add_argument("--param", choices=("code", "paper"), default=None, help="default: the experts' own")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=None, help="override the task's (testing only)")
-    p.add_argument("--allow-code-execution", action="store_true", help="needed for humaneval (sandboxed)")
-
-
-def make_backend(kind: str, model_dir: str, svd, dtype: str, device: str, batch_size: int):
-    if kind == "vllm":
-        from ..backends.vllm import VLLMBackend
-
-        return VLLMBackend(model_dir, dtype=dtype, svd=svd)
-    from ..backends.hf import HFBackend
-
-    return HFBackend(model_dir, dtype=dtype, device=device, svd=svd, batch_size=batch_size)
+    _add_arguments(p, FitFewshotConfig)
 
 
 def fit_fewshot(model: str, svd: str, experts: str | dict, task: str, out: str | Path, *, iterations: int = 100,
@@ -62,19 +66,21 @@ def fit_fewshot(model: str, svd: str, experts: str | dict, task: str, out: str |
                 normalise: bool = False, seed: int = 0, backend: str | Any = "hf", data_dir: str | None = None,
                 param: str | None = None, dtype: str = "float32", device: str = "cpu", batch_size: int = 16,
                 max_new_tokens: int | None = None, docs: list | None = None,
-                stop_after: int | None = None) -> dict[str, Any]:
+                stop_after: int | None = None, allow_cross_model: bool = False) -> dict[str, Any]:
     """Run (or resume) the search; writes alpha.json when complete and returns its content (or the
-    partial summary when `stop_after` ended this call early). `backend` may be a ready Backend."""
+    partial summary when `stop_after` ended this call early). `backend` may be a ready Backend.
+    `allow_cross_model` accepts experts trained on another base model (Table 5); else they are refused."""
     from .. import provenance as prov
     from ..config import model_spec
     from ..models.loading import resolve_model_dir
     from ..svd import ordered_names
+    from ..svf import check_compatible
     from ..tasks import get_task
     from .cem import CEMConfig, member_evaluator, run_cem
     from .experts import ExpertBank, expert_file, parse_experts
 
-    if task not in FEWSHOT_TASKS:
-        raise T2EvalError(f"fit-fewshot adapts to the unseen tasks {', '.join(FEWSHOT_TASKS)}, not {task!r}")
+    if task not in UNSEEN_TASKS:
+        raise T2EvalError(f"fit-fewshot adapts to the unseen tasks {', '.join(UNSEEN_TASKS)}, not {task!r}")
     ex = parse_experts(experts)
     if not ex:
         raise T2EvalError("--experts is empty: give math:PATH,code:PATH,reasoning:PATH")
@@ -83,16 +89,25 @@ def fit_fewshot(model: str, svd: str, experts: str | dict, task: str, out: str |
     cfg = CEMConfig(iterations=iterations, population=population, elite=elite, init_std=init_std, per=per,
                     normalise=normalise, seed=seed)
     cfg.check()
-    bank = ExpertBank(svd, param)
+    bank = ExpertBank(svd, param, cross_model=allow_cross_model)
     names = list(ex)
     loaded = [bank.load(ex[n]) for n in names]
+    for n, e in zip(names, loaded):  # refuse experts of another model (unless allowed) before the model loads
+        try:
+            check_compatible(e, bank.svd, allow_cross_model)
+        except T2EvalError as err:
+            hint = "" if allow_cross_model else " (t2eval fit-fewshot --allow-cross-model)"
+            raise T2EvalError(f"expert {n!r} ({ex[n]}): {err}{hint}") from None
     n_mat = len(ordered_names(loaded[0].z))
     shape = (len(names),) if per == "vector" else (len(names), n_mat)
     t = get_task(task)
     docs = docs if docs is not None else t.docs("fewshot_heldout", data_dir)
     family = model_spec(model).family
     model_dir = str(resolve_model_dir(model))
-    be = make_backend(backend, model_dir, bank.svd, dtype, device, batch_size) if isinstance(backend, str) else backend
+    from ..backends import make_backend
+
+    be = (make_backend(backend, model_dir, svd=bank.svd, dtype=dtype, device=device, batch_size=batch_size)
+          if isinstance(backend, str) else backend)
     evaluate = member_evaluator(be, t, docs, lambda a: bank.mix_loaded(loaded, a, per, normalise), family,
                                 max_new_tokens)
     t0 = time.perf_counter()
@@ -106,7 +121,8 @@ def fit_fewshot(model: str, svd: str, experts: str | dict, task: str, out: str |
     be.set_scales(None)
     record = prov.record("fit-fewshot", {"model": model, "svd": str(svd), "experts": ex, "task": task,
                                          "cem": cfg.__dict__, "family": family, "max_new_tokens": max_new_tokens,
-                                         "backend": getattr(be, "name", str(backend)), "param": param},
+                                         "backend": getattr(be, "name", str(backend)), "param": param,
+                                         "allow_cross_model": allow_cross_model},
                          seeds={"cem": seed}, inputs={"model_dir": model_dir},
                          timings={"search_s_this_run": time.perf_counter() - t0},
                          extra={"files": {n: {str(expert_file(p)): prov.sha256_file(expert_file(p))}
@@ -130,7 +146,7 @@ def run(args) -> int:
                       population=args.population, elite=args.elite, init_std=args.init_std, per=args.per,
                       normalise=args.normalise, seed=args.seed, backend=args.backend, data_dir=args.data_dir,
                       param=args.param, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, allow_cross_model=args.allow_cross_model)
     a = res["alpha"]
     shown = a if args.per == "vector" else [round(sum(r) / len(r), 4) for r in a]
     print(f"alpha ({', '.join(res['experts'])}) = {shown}, best held-out score {res['best_score']:.3f} "

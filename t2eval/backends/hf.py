@@ -16,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..errors import T2EvalError
-from .base import Generation
+from .base import Generation, svd_of
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: str | torch.device = "cpu"):
@@ -134,6 +134,40 @@ def stop_criteria(tokenizer, prompt_len: int, stop: Sequence[str]):
     return _Stop()
 
 
+class HFScaleSwapper:
+    """`base.ScaleSwapper` for a transformers model: W′ written into the parameters in place
+    (`t2eval.svf.SVFPatcher`, created on the first swap), originals restored bit-exactly.
+
+    `svd`: an SVD cache (path or loaded), or a callable returning one (read at the first swap);
+    `missing_svd`: the error message when there is none."""
+
+    def __init__(self, model, svd, missing_svd: str = "SVF scales need the SVD of the model's weights: "
+                 "pass svd=<cache path> (written by `t2eval decompose`)"):
+        self.model, self.svd, self.missing_svd = model, svd, missing_svd
+        self._patcher = None
+
+    def set_scales(self, scales: Mapping[str, torch.Tensor] | None) -> float:
+        t0 = time.perf_counter()
+        if scales is None:
+            if self._patcher is not None:
+                self._patcher.restore()
+            return time.perf_counter() - t0
+        if self._patcher is None:
+            svd = svd_of(self.svd)
+            if svd is None:
+                raise T2EvalError(self.missing_svd)
+            from ..svf import SVFPatcher
+
+            self._patcher = SVFPatcher(self.model, svd)
+        self._patcher.apply(scales)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self._patcher is not None:
+            self._patcher.restore()
+        self._patcher = None
+
+
 class HFBackend:
     """`Backend` over a transformers causal LM (see backends/base.py)."""
 
@@ -164,7 +198,8 @@ class HFBackend:
         self.device = device
         self.batch_size = batch_size
         self.svd = svd
-        self._patcher = None
+        self.swapper = HFScaleSwapper(model, svd, "set_scales needs the SVD of the model's weights: pass "
+                                      "svd=<cache path> (written by `t2eval decompose`) to HFBackend")
         gc = getattr(model, "generation_config", None)
         eos = getattr(gc, "eos_token_id", None) if gc is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
@@ -239,22 +274,7 @@ class HFBackend:
 
     # -- SVF ------------------------------------------------------------------------------------
     def set_scales(self, scales: Mapping[str, torch.Tensor] | None) -> float:
-        t0 = time.perf_counter()
-        if scales is None:
-            if self._patcher is not None:
-                self._patcher.restore()
-            return time.perf_counter() - t0
-        if self._patcher is None:
-            if self.svd is None:
-                raise T2EvalError("set_scales needs the SVD of the model's weights: pass svd=<cache path> "
-                                  "(written by `t2eval decompose`) to HFBackend")
-            from ..svf import SVFPatcher
-
-            self._patcher = SVFPatcher(self.model, self.svd)
-        self._patcher.apply(scales)
-        return time.perf_counter() - t0
+        return self.swapper.set_scales(scales)
 
     def close(self) -> None:
-        if self._patcher is not None:
-            self._patcher.restore()
-        self._patcher = None
+        self.swapper.close()

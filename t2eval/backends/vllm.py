@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import T2EvalError
-from .base import Generation
+from .base import Generation, svd_of
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +288,29 @@ def _swap(llm, scales, svd_path: str, mode: str, mdir: str | None) -> None:
         _compose_reload(llm, scales, svd_path, mdir, "bytes" if mode == "reload-bytes" else "file")
 
 
+class VLLMScaleSwapper:
+    """`base.ScaleSwapper` for a running ``vllm.LLM`` (`swap_scales`). `svd`: the SVD cache path,
+    or a callable returning it (read at each swap); without one only `set_scales(None)` works."""
+
+    def __init__(self, llm, svd, model_dir: str | os.PathLike | None = None, mode: str = "worker",
+                 missing_svd: str = "this vLLM model was started without svd=PATH: it cannot apply SVF scales"):
+        if mode not in MODES:
+            raise T2EvalError(f"unknown swap mode {mode!r}: use one of {MODES}")
+        self.llm, self.svd, self.model_dir, self.mode, self.missing_svd = llm, svd, model_dir, mode, missing_svd
+
+    def set_scales(self, scales: Mapping | None, mode: str | None = None) -> float:
+        svd = svd_of(self.svd)
+        if svd is None:
+            if scales is None:
+                return 0.0
+            raise T2EvalError(self.missing_svd)
+        return swap_scales(self.llm, scales, svd, mode or self.mode, self.model_dir)
+
+    def close(self) -> None:
+        if svd_of(self.svd) is not None:
+            self.set_scales(None)
+
+
 # --------------------------------------------------------------------------- the backend
 
 class VLLMBackend:
@@ -297,8 +320,7 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", svd=None,
                  max_model_len: int = 4096, kv_cache_gib: float | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.85, enable_lora: bool = False, max_lora_rank: int = 16,
-                 swap_mode: str = "worker", seed: int = 0, enforce_eager: bool | None = None, **llm_kwargs):
+                 gpu_memory_utilization: float = 0.85, swap_mode: str = "worker", seed: int = 0, enforce_eager: bool | None = None, **llm_kwargs):
         from ..models.loading import resolve_model_dir
 
         if swap_mode not in MODES:
@@ -310,7 +332,6 @@ class VLLMBackend:
             raise T2EvalError(f"SVD cache {self.svd} not found: run `t2eval decompose` first")
         self.swap_mode = swap_mode
         self.max_model_len = max_model_len
-        self.lora = None
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             from vllm import LLM
@@ -324,8 +345,6 @@ class VLLMBackend:
                   max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size, seed=seed,
                   enforce_eager=cpu if enforce_eager is None else enforce_eager,
                   worker_extension_cls=EXTENSION)
-        if enable_lora:
-            kw.update(enable_lora=True, max_lora_rank=max_lora_rank)
         if cpu:
             if kv_cache_gib is not None or "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
                 os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib or 2))
@@ -338,6 +357,8 @@ class VLLMBackend:
         self.llm = LLM(**kw)
         self.start_s = time.perf_counter() - t0
         self.tokenizer = self.llm.get_tokenizer()
+        self.swapper = VLLMScaleSwapper(self.llm, self.svd, self.model_dir, swap_mode,
+                                        "VLLMBackend was created without svd=PATH: it cannot apply SVF scales")
         self.last_swap_s = 0.0
 
     # ---- generation
@@ -359,8 +380,7 @@ class VLLMBackend:
             self._check_len(x, 1, "a prompt")
         params = [SamplingParams(temperature=temperature, max_tokens=min(max_new_tokens, self.max_model_len - len(x)),
                                  stop=list(stop) if stop else None, seed=seed) for x in ids]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False,
-                                 lora_request=self.lora)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
         return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids), list(o.outputs[0].token_ids)) for o in outs]
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -386,8 +406,7 @@ class VLLMBackend:
                 raise T2EvalError("loglikelihood got an empty continuation")
             self._check_len(c + x, 1, "a loglikelihood request")
         sp = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=c + x) for c, x in pairs], sp, use_tqdm=False,
-                                 lora_request=self.lora)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=c + x) for c, x in pairs], sp, use_tqdm=False)
         res = []
         for (c, x), o in zip(pairs, outs):
             total, greedy = 0.0, True
@@ -400,18 +419,8 @@ class VLLMBackend:
 
     # ---- weights
     def set_scales(self, scales: Mapping | None, mode: str | None = None) -> float:
-        if self.svd is None:
-            if scales is None:
-                return 0.0
-            raise T2EvalError("VLLMBackend was created without svd=PATH: it cannot apply SVF scales")
-        self.last_swap_s = swap_scales(self.llm, scales, self.svd, mode or self.swap_mode, self.model_dir)
+        self.last_swap_s = self.swapper.set_scales(scales, mode)
         return self.last_swap_s
-
-    def set_lora(self, path: str | os.PathLike | None) -> None:
-        """Use a peft adapter for the following requests (None: none). Needs enable_lora=True."""
-        if path is not None and not self.llm.llm_engine.vllm_config.lora_config:
-            raise T2EvalError("VLLMBackend was created without enable_lora=True: it cannot serve LoRA adapters")
-        self.lora = None if path is None else lora_request(path)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

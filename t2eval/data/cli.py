@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
+
+from ..stage_config import add_arguments as add_config_arguments, opt
+
+
+@dataclass
+class PrepareDataConfig:
+    """Options of `t2eval prepare-data` (the CLI is generated from these fields)."""
+
+    mirror: str | None = opt(None, help="local dataset mirror directory (default: $T2EVAL_DATA_MIRROR, then the "
+                             "config's `mirror:`, then the Hugging Face hub / evalplus downloads)")
+    out: str | None = opt(None, help="output data directory (default: $T2EVAL_DATA_DIR or data/)")
+    datasets: str | None = opt(None, help="comma-separated subset (default: all): gsm8k,arc_easy,arc_challenge,"
+                               "math,humaneval,humanevalplus,mbppplus,mbpp")
+    force: bool = opt(False, help="rewrite files even when they match the manifest")
+    config: str | None = opt(None, help="YAML config; its `mirror:` (or `data: {mirror:}`) is used when neither "
+                             "--mirror nor $T2EVAL_DATA_MIRROR is set")
+    mbppplus_version: str | None = opt(None, help="MBPP+ release to use when several are available, e.g. v0.1.0 "
+                                       "(399) or v0.2.0 (378)")
+    humanevalplus_version: str | None = opt(None, help="HumanEval+ release, e.g. v0.1.10")
+
+
+CONFIG = PrepareDataConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mirror", default=None,
-                   help="local dataset mirror directory (default: $T2EVAL_DATA_MIRROR, then the config's "
-                        "`mirror:`, then the Hugging Face hub / evalplus downloads)")
-    p.add_argument("--out", default=None, help="output data directory (default: $T2EVAL_DATA_DIR or data/)")
-    p.add_argument("--datasets", default=None,
-                   help="comma-separated subset (default: all): gsm8k,arc_easy,arc_challenge,math,humaneval,"
-                        "humanevalplus,mbppplus,mbpp")
-    p.add_argument("--force", action="store_true", help="rewrite files even when they match the manifest")
-    p.add_argument("--config", default=None, help="YAML config; its `mirror:` (or `data: {mirror:}`) is used "
-                                                  "when neither --mirror nor $T2EVAL_DATA_MIRROR is set")
-    p.add_argument("--mbppplus-version", default=None,
-                   help="MBPP+ release to use when several are available, e.g. v0.1.0 (399) or v0.2.0 (378)")
-    p.add_argument("--humanevalplus-version", default=None, help="HumanEval+ release, e.g. v0.1.10")
+    add_config_arguments(p, PrepareDataConfig)
 
 
 def _config_mirror(path: str | None) -> str | None:

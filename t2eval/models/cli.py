@@ -7,21 +7,33 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import model_registry
 from ..errors import T2EvalError
+from ..stage_config import add_arguments as add_config_arguments, opt
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class PrepareModelConfig:
+    """Options of `t2eval prepare-model` (the CLI is generated from these fields)."""
+
+    model: str = opt(help="registry key (t2eval/resources/models.yaml) or a local HF directory", positional=True)
+    out: str = opt(help="output directory (HF layout, safetensors)", required=True)
+    dtype: str | None = opt(None, help="weight dtype to store (default: the registry's default_dtype)",
+                            choices=("float32", "bfloat16", "float16"))
+    seed: int = opt(0, help="seed of the tiny random model (tiny-llama only)")
+    force: bool = opt(False, help="rebuild even if --out already holds the model")
+
+
+CONFIG = PrepareModelConfig
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="registry key (smollm2-135m, llama3-8b, mistral-7b, llama3-70b) or a local HF directory")
-    p.add_argument("--out", required=True, help="output directory (HF layout, safetensors)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype to store (embedded default: float32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tiny random model (tiny-llama only)")
-    p.add_argument("--force", action="store_true", help="rebuild even if --out already holds the model")
+    add_config_arguments(p, PrepareModelConfig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model in reg and reg[args.model].builder == "tiny_llama":
         from .tiny import build_tiny_llama
 
-        build_tiny_llama(out, seed=args.seed, dtype=args.dtype or "float32")
+        build_tiny_llama(out, seed=args.seed, dtype=args.dtype or reg[args.model].default_dtype)
     elif args.model in reg and reg[args.model].source == "embedded":
         from .embedded import build_smollm2
 

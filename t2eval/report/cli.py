@@ -1,24 +1,45 @@
-"""Shared pieces of the report subcommands (`t2eval tables`, `t2eval figures`): common arguments,
+"""Shared pieces of the report subcommands (`t2eval tables`, `t2eval figures`): their option dataclasses,
 model selection/order and atomic text writes. The subcommands themselves live in `tables.py` and
 `figures.py` (each exposes `add_arguments(parser)` + `run(args)`)."""
 
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..results import MODELS
+from ..stage_config import add_arguments as add_config_arguments, opt
 
 
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--raw", default="results/raw", help="raw result cells: <raw>/<model>/<method>/<task>.json")
-    p.add_argument("--models", nargs="+", default=None,
-                   help="models to show, in this order (default: every model that has cells; a model with no "
-                        "cells gets rows of missing values beside the published numbers)")
-    p.add_argument("--published", default=None,
-                   help="published numbers CSV (default: results/published/paper_numbers.csv)")
+@dataclass
+class ReportConfig:
+    """Options shared by `t2eval tables` and `t2eval figures`."""
+
+    raw: str = opt("results/raw", help="raw result cells: <raw>/<model>/<method>/<task>.json")
+    models: list[str] | None = opt(None, nargs="+", help="models to show, in this order (default: every model that "
+                                   "has cells; a model with no cells gets rows of missing values beside the "
+                                   "published numbers)")
+    published: str | None = opt(None, help="published numbers CSV (default: the repository's "
+                                "results/published/paper_numbers.csv)")
+
+
+@dataclass
+class TablesConfig(ReportConfig):
+    """Options of `t2eval tables`."""
+
+    out: str = opt("results/tables", help="output directory")
+    ci: str = opt("wilson", help="95%% interval: Wilson score or percentile bootstrap over per-sample outcomes",
+                  choices=("wilson", "bootstrap"))
+
+
+@dataclass
+class FiguresConfig(ReportConfig):
+    """Options of `t2eval figures`."""
+
+    experts: str = opt("experts", help="experts directory (svf logs, fewshot alpha.json)")
+    out: str = opt("results/figures", help="output directory")
 
 
 def select_models(cells: Iterable[Mapping[str, Any]], models: Sequence[str] | None = None) -> list[str]:

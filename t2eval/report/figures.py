@@ -31,14 +31,19 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..adapt.strategies import two_pass_methods
+from ..constants import EXPERT_NAMES as EXPERTS
+from ..constants import OTHER, TRAIN_TASKS, UNSEEN_TASKS
 from ..errors import CorruptArtifactError, T2EvalError
-from ..results import MODELS, TRAINING_TASKS, UNSEEN_TASKS, collect, index
-from .cli import add_common_arguments, select_models, write_text_atomic
+from ..results import MODELS, collect, index
+from .cli import FiguresConfig, add_config_arguments, select_models, write_text_atomic
 from .tables import MODEL_LABELS, TASK_LABELS
 
 log = logging.getLogger(__name__)
-EXPERTS = ("math", "code", "reasoning")
-DISPATCH_METHODS = {"t2-prompt": "Prompt", "t2-cls": "Cls-expert"}
+
+def dispatch_methods() -> dict[str, str]:
+    """{method: panel title} of the registered two-pass strategies (t2-prompt, t2-cls, ...)."""
+    return two_pass_methods("evaluate")
 
 
 def caption(figure: str, model: str | None = None) -> str:
@@ -108,7 +113,7 @@ def normalised_alpha(alpha: Any, experts: Sequence[str], where: str = "alpha") -
 
 def _task_order(tasks: Iterable[str]) -> list[str]:
     ts = set(tasks)
-    known = [t for t in TRAINING_TASKS + UNSEEN_TASKS if t in ts]
+    known = [t for t in TRAIN_TASKS + UNSEEN_TASKS if t in ts]
     return known + sorted(ts - set(known))
 
 
@@ -216,7 +221,7 @@ def dispatch_matrix(cells: Sequence[Mapping[str, Any]], model: str, method: str)
             row = counts.setdefault(d["true_task"], {})
             row[d["chosen"]] = row.get(d["chosen"], 0) + 1
     chosen = {ch for row in counts.values() for ch in row}
-    cols = list(EXPERTS) + ["other"] + sorted(chosen - set(EXPERTS) - {"other"})
+    cols = list(EXPERTS) + [OTHER] + sorted(chosen - set(EXPERTS) - {OTHER})
     return _task_order(counts), cols, counts
 
 
@@ -231,14 +236,15 @@ def figure6(models: Sequence[str], cells: Sequence[Mapping[str, Any]], out_dir: 
     from .published import published_value
 
     plt = _plt()
-    panels = [(model, method, mat) for model in models for method in DISPATCH_METHODS
+    methods = dispatch_methods()
+    panels = [(model, method, mat) for model in models for method in methods
               if (mat := dispatch_matrix(cells, model, method))[0]]
     table: list[dict[str, Any]] = []
     if not panels:
         fig = _placeholder(plt, "6", "the dispatch field of t2-prompt / t2-cls result cells")
         return _finish(fig, plt, out_dir, "6", table, FIG6_COLUMNS)
     pmodels = list(dict.fromkeys(p[0] for p in panels))
-    pmethods = [m for m in DISPATCH_METHODS if any(p[1] == m for p in panels)]
+    pmethods = [m for m in methods if any(p[1] == m for p in panels)]
     n_rows = max(len(p[2][0]) for p in panels)
     fig, axes = plt.subplots(len(pmodels), len(pmethods), squeeze=False, layout="constrained",
                              figsize=(5.2 * len(pmethods), (1.4 + 0.6 * n_rows) * len(pmodels)))
@@ -258,7 +264,7 @@ def figure6(models: Sequence[str], cells: Sequence[Mapping[str, Any]], out_dir: 
         ax.set_yticks(range(len(rows)), [TASK_LABELS.get(r, r) for r in rows])
         ax.set_xlabel("chosen expert")
         ax.set_ylabel("true task")
-        ax.set_title(f"{MODEL_LABELS.get(model, model)} — {DISPATCH_METHODS[method]}", fontsize=9)
+        ax.set_title(f"{MODEL_LABELS.get(model, model)} — {methods[method]}", fontsize=9)
         for i, r in enumerate(rows):
             for j, c in enumerate(cols):
                 pv = published_value("F6", model, method, r, category=c, df=pub) if pub is not None else None
@@ -358,10 +364,11 @@ def write_figures(cells: Sequence[Mapping[str, Any]], experts_dir: str | os.Path
 
 
 # ----------------------------------------------------------------------------- CLI
+CONFIG = FiguresConfig
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_arguments(p)
-    p.add_argument("--experts", default="experts", help="experts directory (svf logs, fewshot alpha.json)")
-    p.add_argument("--out", default="results/figures", help="output directory (default: results/figures)")
+    add_config_arguments(p, FiguresConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,9 @@
 """The paper's published numbers as a tidy table, keyed by our model/method/task names.
 
-`results/published/paper_numbers.csv` is generated from the reference transcription
-(`/work/shared/reference/paper_numbers.csv`: table, model, method, task, metric, value, source) by
-`make_published(source, out)` — run `python -m t2eval.report.published SOURCE [--out CSV]` — and
-committed. Columns:
+The repository's own `results/published/paper_numbers.csv` (committed) is the source every table and
+figure reads by default. It was generated from a reference transcription of the paper (a CSV with the
+columns table, model, method, task, metric, value, source) by `make_published(source, out)` — run
+`python -m t2eval.report.published REFERENCE_CSV [--out CSV]` to regenerate it. Columns:
 
   table, model, model_label, method, method_label, task, task_label, category, metric, metric_label,
   unit, value, value_text, source, note
@@ -30,7 +30,8 @@ from ..errors import T2EvalError
 COLUMNS = ["table", "model", "model_label", "method", "method_label", "task", "task_label", "category",
            "metric", "metric_label", "unit", "value", "value_text", "source", "note"]
 PUBLISHED_ENV = "T2EVAL_PUBLISHED_CSV"
-DEFAULT_SOURCE = "/work/shared/reference/paper_numbers.csv"
+# the committed published numbers, relative to the repository this package lives in
+REPO_PUBLISHED = Path(__file__).resolve().parents[2] / "results" / "published" / "paper_numbers.csv"
 
 MODEL_MAP = {"L3-8B": "llama3-8b", "M-7B": "mistral-7b", "L3-70B": "llama3-70b"}
 TASK_MAP = {"GSM8K": "gsm8k", "MBPP-Pro": "mbpp", "MBPP": "mbpp", "ARC-Easy": "arc_easy", "MATH": "math",
@@ -117,7 +118,7 @@ def _convert(row: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def make_published(source: str | os.PathLike = DEFAULT_SOURCE, out: str | os.PathLike | None = None) -> Path:
+def make_published(source: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Transcribe the reference CSV into the tidy published CSV (deterministic; atomic write)."""
     src = Path(source)
     if not src.exists():
@@ -139,10 +140,14 @@ def make_published(source: str | os.PathLike = DEFAULT_SOURCE, out: str | os.Pat
 
 
 def default_published_path() -> Path:
+    """$T2EVAL_PUBLISHED_CSV if set, else the repository's results/published/paper_numbers.csv (found
+    beside the package for a source checkout, else under the working directory)."""
     env = os.environ.get(PUBLISHED_ENV)
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "results" / "published" / "paper_numbers.csv"
+    if REPO_PUBLISHED.exists():
+        return REPO_PUBLISHED
+    return Path("results") / "published" / "paper_numbers.csv"
 
 
 _CACHE: dict[str, Any] = {}
@@ -158,7 +163,7 @@ def load_published(path: str | os.PathLike | None = None):
     if key not in _CACHE:
         if not p.exists():
             raise T2EvalError(f"published numbers not found at {p}; regenerate them with "
-                              f"`python -m t2eval.report.published {DEFAULT_SOURCE} --out {p}` "
+                              f"`python -m t2eval.report.published REFERENCE_CSV --out {p}` "
                               f"or set {PUBLISHED_ENV}")
         df = pd.read_csv(p, dtype=str, keep_default_na=False)
         missing = [c for c in COLUMNS if c not in df.columns]
@@ -205,7 +210,7 @@ def published_value(table: str | int, model: str, method: str, task: str, *, met
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m t2eval.report.published",
                                  description="regenerate results/published/paper_numbers.csv")
-    ap.add_argument("source", nargs="?", default=DEFAULT_SOURCE, help="reference paper_numbers.csv")
+    ap.add_argument("source", help="reference transcription CSV (table, model, method, task, metric, value, source)")
     ap.add_argument("--out", default=None, help="output CSV (default: results/published/paper_numbers.csv)")
     a = ap.parse_args(argv)
     try:

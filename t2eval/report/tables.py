@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from ..constants import TASK_LABELS, TRAIN_TASKS, UNSEEN_TASKS
 from ..errors import T2EvalError
 from ..results import collect, index
-from .cli import add_common_arguments, select_models, write_text_atomic
+from .cli import TablesConfig, add_config_arguments, select_models, write_text_atomic
 
 log = logging.getLogger(__name__)
 Z95 = 1.959963984540054
@@ -452,11 +452,11 @@ def write_tables(cells: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
 
 
 # ----------------------------------------------------------------------------- CLI
+CONFIG = TablesConfig
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_common_arguments(p)
-    p.add_argument("--out", default="results/tables", help="output directory (default: results/tables)")
-    p.add_argument("--ci", choices=["wilson", "bootstrap"], default="wilson",
-                   help="95%% interval: Wilson score (default) or percentile bootstrap over per-sample outcomes")
+    add_config_arguments(p, TablesConfig)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,1 +1,1 @@
-"""Training: batched rollouts, SVF REINFORCE (reinforce.py), the LoRA baseline (lora.py)."""
+"""Training: one loop (loop.py) with an SVF learner (reinforce.py) and a LoRA learner (lora.py); stage configs in configs.py."""

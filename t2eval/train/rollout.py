@@ -2,8 +2,8 @@
 
 A rollout renders the task's prompts, generates with the backend (greedy unless a temperature is
 given), scores the completions with `task.score_batch` (the evaluation's own scorer) and turns
-correctness into rewards (+1 / -1). `encode_completions` turns (prompt, completion) texts into
-the token ids the policy-gradient forward scores.
+correctness into rewards (+1 / -1); a split's accuracy is `rollout(...).accuracy`.
+`encode_completions` turns (prompt, completion) texts into the token ids the policy-gradient forward scores.
 """
 
 from __future__ import annotations
@@ -47,14 +47,6 @@ def rollout(backend, task, docs: Sequence[dict], *, family: str | None = None, m
     return Rollout(docs=docs, prompts=prompts, completions=completions, n_tokens=[g.n_tokens for g in gens],
                    correct=correct, seconds=time.perf_counter() - t0,
                    rewards=[reward_correct if c else reward_wrong for c in correct])
-
-
-def evaluate(backend, task, docs: Sequence[dict], *, family: str | None = None,
-             max_new_tokens: int | None = None) -> float:
-    """Greedy accuracy of `backend` on `docs` (fraction in [0, 1]); 0.0 for no docs."""
-    if not docs:
-        return 0.0
-    return rollout(backend, task, docs, family=family, max_new_tokens=max_new_tokens).accuracy
 
 
 def encode_completions(tokenizer, prompts: Sequence[str], completions: Sequence[str],

@@ -13,7 +13,11 @@ import json
 import shutil
 from pathlib import Path
 
+from .. import stage_config
 from ..errors import T2EvalError
+from .configs import SelectConfig
+
+CONFIG = SelectConfig  # the options (plan.stage_argv renders the workflow's commands through it)
 
 
 def best_valid(run_dir: Path) -> float:
@@ -43,11 +47,11 @@ def select(candidates: list[Path], out: Path) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--candidates", nargs="+", required=True, help="train-svf output directories")
-    p.add_argument("--out", required=True, help="directory receiving the selected expert's files")
+    stage_config.add_arguments(p, SelectConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    rec = select([Path(c) for c in args.candidates], Path(args.out))
+    cfg = stage_config.from_args(SelectConfig, args, candidates=tuple(args.candidates))
+    rec = select([Path(c) for c in cfg.candidates], Path(cfg.out))
     print(json.dumps(rec))
     return 0

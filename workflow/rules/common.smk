@@ -1,14 +1,14 @@
 # Configuration (validated with a clear message per bad key), the cell plan, shared helpers.
 import os
-import shlex
+import re
 
 from snakemake.utils import validate
 
 from t2eval import plan as P
 from t2eval.errors import T2EvalError
-from t2eval.workflow_config import load as _load_config
+from t2eval.workflow_config import SCHEMA, load as _load_config
 
-validate(config, workflow.source_path("../schemas/config.schema.yaml"), set_default=False)
+validate(config, str(SCHEMA), set_default=False)
 try:
     CFG = _load_config(config, source="workflow config")
 except T2EvalError as e:
@@ -17,9 +17,9 @@ except T2EvalError as e:
 CELLS = P.cells(CFG)
 DATA_DIR = CFG["data"]["dir"]
 DATA_MANIFEST = f"{DATA_DIR}/manifest.json"
-T2 = "t2eval"
 # Every shell sets OMP_NUM_THREADS/MKL_NUM_THREADS from the rule's `threads`: one BLAS/OpenMP pool per
 # job (oversubscribed CPU threads made generation ~4x slower here).
+THREADS = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
 # MBPP/HumanEval rewards and scores run model-written code (sandboxed); only with the config's opt-in
 CODE_OPT_IN = "HF_ALLOW_CODE_EVAL=1 " if CFG["allow_code_execution"] else ""
 ENV = "../envs/t2eval.yaml"
@@ -36,8 +36,8 @@ wildcard_constraints:
     method="[^/]+",
     task="[^/]+",
     targets="mlp|attn|mlp\\+attn",
-    svf_variant="svf|svf-attn|svf-mlp\\+attn|svf-ntp",
-    lora_variant="lora|lora-pg|lora-mlp\\+attn",
+    svf_variant="|".join(map(re.escape, P.SVF_VARIANTS)),
+    lora_variant="|".join(map(re.escape, P.LORA_VARIANTS)),
 
 
 def res(stage, key, default=None):
@@ -56,5 +56,12 @@ def model_opt(model, key):
     return P.model_setting(CFG, model, key)
 
 
-def q(s):
-    return shlex.quote(str(s))
+def stage_cmd(stage):
+    """Input function of params.cmd: the job's `t2eval <stage> ...` line, built by t2eval.plan from the
+    config and the job's wildcards (flags rendered by the stage's own option dataclass)."""
+
+    def cmd(wildcards):
+        return P.stage_shell(CFG, stage, **dict(wildcards.items()))
+
+    cmd.__name__ = f"{stage.replace('-', '_')}_cmd"
+    return cmd

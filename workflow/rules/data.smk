@@ -2,8 +2,7 @@ rule prepare_data:
     output:
         DATA_MANIFEST,
     params:
-        mirror=f"--mirror {q(CFG['data']['mirror'])}" if CFG["data"]["mirror"] else "",
-        out=DATA_DIR,
+        cmd=stage_cmd("prepare-data"),
     log:
         "logs/prepare_data.log",
     benchmark:
@@ -15,4 +14,4 @@ rule prepare_data:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} prepare-data {params.mirror} --out {params.out} 2> {log}"
+        THREADS + " {params.cmd} 2> {log}"

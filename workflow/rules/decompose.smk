@@ -4,8 +4,7 @@ rule decompose:
     output:
         P.svd_path("{model}", "{targets}"),
     params:
-        model=lambda wc: P.model_dir(wc.model),
-        layers=lambda wc: model_opt(wc.model, "svd_layers"),
+        cmd=stage_cmd("decompose"),
     log:
         "logs/decompose/{model}-{targets}.log",
     benchmark:
@@ -17,5 +16,4 @@ rule decompose:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} decompose --model {params.model} --targets {wildcards.targets} --layers {params.layers}"
-        " --out {output} 2> {log}"
+        THREADS + " {params.cmd} 2> {log}"

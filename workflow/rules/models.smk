@@ -2,9 +2,7 @@ rule prepare_model:
     output:
         P.model_marker("{model}"),
     params:
-        src=lambda wc: CFG["model_paths"].get(wc.model, wc.model),
-        dtype=lambda wc: model_opt(wc.model, "dtype"),
-        out=lambda wc: P.model_dir(wc.model),
+        cmd=stage_cmd("prepare-model"),
     log:
         "logs/prepare_model/{model}.log",
     benchmark:
@@ -16,4 +14,4 @@ rule prepare_model:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} prepare-model {params.src} --out {params.out} --dtype {params.dtype} 2> {log}"
+        THREADS + " {params.cmd} 2> {log}"

@@ -9,6 +9,8 @@ rule tables:
         [c.path for c in CELLS],
     output:
         [report(f, category="Tables", caption="../report/tables.rst") if f.endswith(".md") else f for f in TABLES],
+    params:
+        cmd=stage_cmd("tables"),
     log:
         "logs/tables.log",
     benchmark:
@@ -16,11 +18,10 @@ rule tables:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} tables --raw results/raw --out results/tables 2> {log}"
+        THREADS + " {params.cmd} 2> {log}"
 
 
-def _figure_inputs(wc):
-    logs = [P.svf_log(m, t) for m in CFG["models"] for t in CFG["train_svf"]["tasks"]]
+def figure_inputs(wildcards):
     alphas = [P.fewshot_alpha(m, t) for m in CFG["models"] for t in CFG["fewshot"]["tasks"]
               if "t2-fewshot" in CFG["evaluate"]["methods"]]
     experts = [P.svf_expert(m, t) for m in CFG["models"] for t in CFG["train_svf"]["tasks"]]
@@ -29,11 +30,13 @@ def _figure_inputs(wc):
 
 rule figures:
     input:
-        unpack(_figure_inputs),
+        unpack(figure_inputs),
     output:
         report(FIGURES[0], category="Figures", caption="../report/fig4.rst"),
         report(FIGURES[1], category="Figures", caption="../report/fig6.rst"),
         report(FIGURES[2], category="Figures", caption="../report/fig7.rst"),
+    params:
+        cmd=stage_cmd("figures"),
     log:
         "logs/figures.log",
     benchmark:
@@ -41,4 +44,4 @@ rule figures:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {T2} figures --raw results/raw --experts experts --out results/figures 2> {log}"
+        THREADS + " {params.cmd} 2> {log}"

@@ -1,38 +1,23 @@
-# SVF experts (REINFORCE; Table 4 variants) and the LoRA baseline.
-SVF_VARIANT = {  # variant -> (svd targets, objective)
-    "svf": (CFG["svd"]["targets"], "pg"),
-    "svf-attn": ("attn", "pg"),
-    "svf-mlp+attn": ("mlp+attn", "pg"),
-    "svf-ntp": ("attn", "ntp"),
-}
-LORA_VARIANT = {  # variant -> (targets, objective)
-    "lora": ("attn", "ntp"),
-    "lora-pg": ("attn", "pg"),
-    "lora-mlp+attn": ("mlp+attn", "ntp"),
-}
-TS = CFG["train_svf"]
-TL = CFG["train_lora"]
+# SVF experts (REINFORCE; Table 4 variants: t2eval.plan.SVF_VARIANTS) and the LoRA baseline
+# (t2eval.plan.LORA_VARIANTS). Options not set in the config take the stage's defaults.
+KL_SWEEP = CFG["train_svf"]["kl_sweep"]
 
 
-def _limit(flag, value):
-    return f"{flag} {value}" if value is not None else ""
+def svf_svd(wildcards):
+    targets = P.SVF_VARIANTS[wildcards.get("svf_variant", "svf")][0] or CFG["svd"]["targets"]
+    return P.svd_path(wildcards.model, targets)
 
 
 rule train_svf:
     input:
         model=P.model_marker("{model}"),
-        svd=lambda wc: P.svd_path(wc.model, SVF_VARIANT[wc.svf_variant][0]),
+        svd=svf_svd,
         data=DATA_MANIFEST,
     output:
         z=P.svf_expert("{model}", "{task}", "{svf_variant}"),
         log=P.svf_log("{model}", "{task}", "{svf_variant}"),
     params:
-        model=lambda wc: P.model_dir(wc.model),
-        out=lambda wc, output: os.path.dirname(output[0]),
-        objective=lambda wc: SVF_VARIANT[wc.svf_variant][1],
-        backend=lambda wc: model_opt(wc.model, "backend"),
-        eval_limit=_limit("--eval-limit", TS["eval_limit"]),
-        kl=TS["kl_coef"],
+        cmd=stage_cmd("train-svf"),
     log:
         "logs/train_svf/{model}/{svf_variant}/{task}.log",
     benchmark:
@@ -45,12 +30,7 @@ rule train_svf:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {CODE_OPT_IN}{T2} train-svf --model {params.model} --svd {input.svd} --task {wildcards.task} --out {params.out}"
-        " --data-dir {DATA_DIR} --objective {params.objective} --iterations {TS[iterations]}"
-        " --batch-size {TS[batch_size]} --micro-batch {TS[micro_batch]} --max-new-tokens {TS[max_new_tokens]}"
-        " --eval-every {TS[eval_every]} {params.eval_limit} --eval-splits {TS[eval_splits]} --kl-coef {params.kl}"
-        " --optimizer {TS[optimizer]}"
-        " --param {TS[param]} --lr {TS[lr]} --seed {CFG[seed]} --backend {params.backend} 2> {log}"
+        THREADS + " " + CODE_OPT_IN + "{params.cmd} 2> {log}"
 
 
 rule train_lora:
@@ -60,11 +40,7 @@ rule train_lora:
     output:
         P.lora_marker("{model}", "{task}", "{lora_variant}"),
     params:
-        model=lambda wc: P.model_dir(wc.model),
-        out=lambda wc: P.lora_adapter(wc.model, wc.task, wc.lora_variant),
-        targets=lambda wc: LORA_VARIANT[wc.lora_variant][0],
-        objective=lambda wc: LORA_VARIANT[wc.lora_variant][1],
-        eval_limit=_limit("--eval-limit", TL["eval_limit"]),
+        cmd=stage_cmd("train-lora"),
     log:
         "logs/train_lora/{model}/{lora_variant}/{task}.log",
     benchmark:
@@ -77,34 +53,19 @@ rule train_lora:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {CODE_OPT_IN}{T2} train-lora --model {params.model} --task {wildcards.task} --out {params.out} --data-dir {DATA_DIR}"
-        " --targets {params.targets} --objective {params.objective} --iterations {TL[iterations]}"
-        " --batch-size {TL[batch_size]} --micro-batch {TL[micro_batch]} --lr {TL[lr]} --eval-every {TL[eval_every]}"
-        " {params.eval_limit} --eval-splits {TL[eval_splits]} --max-new-tokens {TL[max_new_tokens]} --seed {CFG[seed]}"
-        " 2> {log}"
+        THREADS + " " + CODE_OPT_IN + "{params.cmd} 2> {log}"
 
 
 # The paper's KL sweep (train_svf.kl_sweep, e.g. [0, 0.1, 0.2, 0.3]): one run per λ into
 # experts/<model>/svf-kl<λ>/<task>/, then the best validation score becomes experts/<model>/svf/<task>/.
-if TS["kl_sweep"]:
+if KL_SWEEP:
 
     ruleorder: select_kl > train_svf
 
     use rule train_svf as train_svf_kl with:
-        input:
-            model=P.model_marker("{model}"),
-            svd=lambda wc: P.svd_path(wc.model, CFG["svd"]["targets"]),
-            data=DATA_MANIFEST,
         output:
-            z="experts/{model}/svf-kl{kl}/{task}/z.safetensors",
-            log="experts/{model}/svf-kl{kl}/{task}/log.jsonl",
-        params:
-            model=lambda wc: P.model_dir(wc.model),
-            out=lambda wc, output: os.path.dirname(output[0]),
-            objective="pg",
-            backend=lambda wc: model_opt(wc.model, "backend"),
-            eval_limit=_limit("--eval-limit", TS["eval_limit"]),
-            kl=lambda wc: wc.kl,
+            z=P.svf_kl_dir("{model}", "{task}", "{kl}") + "/z.safetensors",
+            log=P.svf_kl_dir("{model}", "{task}", "{kl}") + "/log.jsonl",
         wildcard_constraints:
             kl="[0-9.]+",
         log:
@@ -114,17 +75,16 @@ if TS["kl_sweep"]:
 
     rule select_kl:
         input:
-            z=lambda wc: [f"experts/{wc.model}/svf-kl{k}/{wc.task}/z.safetensors" for k in TS["kl_sweep"]],
-            log=lambda wc: [f"experts/{wc.model}/svf-kl{k}/{wc.task}/log.jsonl" for k in TS["kl_sweep"]],
+            z=lambda wc: [f"{P.svf_kl_dir(wc.model, wc.task, k)}/z.safetensors" for k in KL_SWEEP],
+            log=lambda wc: [f"{P.svf_kl_dir(wc.model, wc.task, k)}/log.jsonl" for k in KL_SWEEP],
         output:
             z=P.svf_expert("{model}", "{task}", "svf"),
             log=P.svf_log("{model}", "{task}", "svf"),
         params:
-            dirs=lambda wc, input: " ".join(os.path.dirname(z) for z in input.z),
-            out=lambda wc, output: os.path.dirname(output.z),
+            cmd=stage_cmd("select-expert"),
         log:
             "logs/select_kl/{model}/{task}.log",
         conda:
             ENV
         shell:
-            "{T2} select-expert --candidates {params.dirs} --out {params.out} 2> {log}"
+            "{params.cmd} 2> {log}"

@@ -1,0 +1,330 @@
+"""The one training loop shared by the SVF and LoRA trainers (nanoGPT-style: read it top to bottom).
+
+What differs between the two methods lives in a small *learner* object (`reinforce.SVFLearner`,
+`lora.LoRALearner`): its trainable tensors, how the policy's weights are put in place for
+generation, the loss backward, extra log fields, and how the best state is written as the stage's
+declared outputs (z.safetensors; the peft adapter files). Everything else is here, once:
+
+    per iteration: sample a batch → rollouts (pg) or reference targets (ntp) → loss + backward →
+    clip + optimiser/scheduler step → every k iterations evaluate (valid selects the best) →
+    checkpoint → log row
+
+Resume that cannot get stuck: `checkpoints/latest.pt` holds everything a run has produced — the
+current state, optimiser/scheduler/RNG states, the *best* state with its scores, every log row and
+the training time so far. Re-running the same command continues from it, and every invocation
+ends by (re)writing the declared outputs (best state, log.jsonl; provenance.json when finished)
+from that checkpoint. So outputs deleted after an interruption (Snakemake's `--rerun-incomplete`
+deletes a job's outputs before re-running it) are always rewritten, bit-identical, even when the
+run had already finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import T2EvalError
+from .configs import TrainConfig
+from .rollout import encode_completions, rollout
+from . import losses
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = Path("checkpoints") / "latest.pt"
+LOG = "log.jsonl"
+
+
+# ------------------------------------------------------------------------------------ helpers
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse impossible settings before anything is loaded."""
+    if cfg.objective not in ("pg", "ntp"):
+        raise T2EvalError(f"unknown objective {cfg.objective!r}: use pg (REINFORCE) or ntp (next-token prediction)")
+    if getattr(cfg, "kl_direction", "code") not in losses.KL_DIRECTIONS:
+        raise T2EvalError(f"--kl-direction must be one of {losses.KL_DIRECTIONS}")
+    if cfg.iterations < 1 or cfg.batch_size < 1 or cfg.micro_batch < 1 or cfg.eval_every < 1:
+        raise T2EvalError("--iterations, --batch-size, --micro-batch and --eval-every must be ≥ 1")
+
+
+def make_optimizer(params: Sequence[torch.Tensor], kind: str, lr: float, iterations: int,
+                   weight_decay: float = 0.0):
+    """(optimizer, scheduler or None): adam (SVF code release), adamw (LoRA), adamw-cosine (SVF paper)."""
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr), None
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), None
+    if kind == "adamw-cosine":
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, iterations))
+    raise T2EvalError(f"unknown optimizer {kind!r}: use adam (code) or adamw-cosine (paper)")
+
+
+def build_backend(kind: str, model, tokenizer, cfg, svd=None):
+    """The rollout/evaluation backend (`backends.make_backend`): HF shares the training model (rollouts see
+    its current weights); vLLM starts its own engine on the model directory."""
+    from ..backends import make_backend
+
+    return make_backend(kind, cfg.model, svd=svd if kind == "hf" else getattr(cfg, "svd", None), dtype=cfg.dtype,
+                        device=cfg.device, batch_size=max(cfg.micro_batch, 8), seed=cfg.seed,
+                        model=model, tokenizer=tokenizer)
+
+
+def load_task(key: str, **options):
+    """`get_task`, plus the training key cls_leakfree (= cls with leakfree=True)."""
+    from ..tasks import get_task
+
+    if key == "cls_leakfree":
+        return get_task("cls", **{"leakfree": True, **options})
+    return get_task(key, **options)
+
+
+def model_family(model_dir: str) -> str:
+    from ..config import model_spec
+
+    try:
+        return model_spec(model_dir).family
+    except T2EvalError:
+        return "unknown"
+
+
+def limit(docs: list, n: int | None) -> list:
+    return docs if n is None else docs[:n]
+
+
+def task_data(task, cfg) -> tuple[list, dict[str, list], int]:
+    """Train docs (non-empty), the evaluated splits' docs (limited) and the generation length."""
+    train_docs = task.docs("train", cfg.data_dir)
+    if not train_docs:
+        raise T2EvalError(f"task {cfg.task}: the train split is empty (data dir {cfg.data_dir})")
+    eval_docs = {s: limit(task.docs(s, cfg.data_dir), cfg.eval_limit) for s in cfg.eval_splits}
+    return train_docs, eval_docs, cfg.max_new_tokens or task.gen_kwargs.get("max_new_tokens", 512)
+
+
+def sample_batch(rng: np.random.RandomState, n_train: int, batch_size: int) -> list[int]:
+    """Batch indices without replacement (batch clipped to the train-split size)."""
+    return [int(i) for i in rng.choice(n_train, size=min(batch_size, n_train), replace=False)]
+
+
+def training_batch(objective: str, tok, task, docs: list, family: str, policy_rollout):
+    """(prompt ids, completion ids, per-sequence weights, rewards) of one iteration's batch.
+
+    pg: the current policy's rollouts (`policy_rollout()`), weighted r/B; ntp: the task's reference
+    solutions (+EOS), weighted for the mean token NLL."""
+    if objective == "pg":
+        ro = policy_rollout()
+        p_ids, c_ids = encode_completions(tok, ro.prompts, ro.completions)
+        return p_ids, c_ids, losses.pg_weights(ro.rewards, len(docs)), ro.rewards
+    prompts = [task.prompt(tok, d, family) for d in docs]
+    p_ids, c_ids = encode_completions(tok, prompts, [task.reference(d) for d in docs], append_eos=True)
+    return p_ids, c_ids, losses.ntp_weights(c_ids), []
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one row (flushed + fsynced)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """The whole log (atomic): the checkpoint's rows, the same bytes `append_jsonl` wrote."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def read_checkpoint(ckpt_path: Path, identity: dict) -> dict | None:
+    """The resume checkpoint, or None; refuses one written with other settings (names the fields)."""
+    if not ckpt_path.exists():
+        return None
+    ck = torch.load(ckpt_path, weights_only=False)
+    if ck["identity"] != identity:
+        diff = sorted(k for k in set(ck["identity"]) | set(identity) if ck["identity"].get(k) != identity.get(k))
+        raise T2EvalError(f"{ckpt_path} was written with other settings ({', '.join(diff)}); "
+                          f"use another --out, or delete {ckpt_path.parent} to start over")
+    if "rows" not in ck:
+        raise T2EvalError(f"{ckpt_path} was written by an older t2eval (no log rows / best state in it); "
+                          f"delete {ckpt_path.parent} to start over")
+    return ck
+
+
+def nonfinite_error(what: str, iteration: int, ckpt: Path) -> T2EvalError:
+    kept = f"the last good checkpoint is kept at {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+    return T2EvalError(
+        f"{what} is NaN/inf at iteration {iteration}; training stopped ({kept}). Lower --lr, check "
+        "the model weights and the SVD cache (t2eval decompose), or use --param code / a smaller --kl-coef")
+
+
+def progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+def _finite(params: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
+
+
+# ------------------------------------------------------------------------------------ the loop
+def train(cfg: TrainConfig, learner, task) -> dict:
+    """Train (or resume, or just re-emit the outputs of) one run of `learner`; returns a summary.
+
+    `learner` (SVFLearner / LoRALearner) is built by the caller, after `torch.manual_seed(cfg.seed)`.
+    """
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    ckpt_path, log_path = out / CHECKPOINT, out / LOG
+    out.mkdir(parents=True, exist_ok=True)
+    family = model_family(cfg.model)
+    train_docs, eval_docs, max_new = task_data(task, cfg)
+    params = learner.params()
+    opt, sched = make_optimizer(params, learner.optimizer, cfg.lr, cfg.iterations, cfg.weight_decay)
+    rng = np.random.RandomState(cfg.seed)
+    start, best, best_state, rows, train_s = 0, {"valid": -math.inf, "iteration": None}, None, [], 0.0
+
+    # --- resume: every product of the run so far comes from the checkpoint
+    ck = read_checkpoint(ckpt_path, cfg.identity())
+    if ck is not None:
+        learner.load_state(ck[learner.state_key])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and ck.get("scheduler") is not None:
+            sched.load_state_dict(ck["scheduler"])
+        rng.set_state(ck["np_rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        start, best, best_state, rows, train_s = (ck["iteration"] + 1, ck["best"], ck["best_state"],
+                                                  ck["rows"], ck["train_s"])
+        log.info("resuming %s from iteration %d", out, start)
+    write_jsonl(log_path, rows)  # drops rows of an iteration killed before its checkpoint
+
+    end = cfg.iterations if cfg.stop_after is None else min(cfg.iterations, start + cfg.stop_after)
+    backend = learner.make_backend(cfg) if start < end else None
+    bar = progress_bar(cfg.iterations, start, cfg.progress, f"{learner.stage} {cfg.task}")
+    try:
+        for it in range(start, end):
+            times = {"rollout_s": 0.0, "grad_s": 0.0, "eval_s": 0.0}
+
+            # --- sample batch
+            t0 = time.perf_counter()
+            docs = [train_docs[i] for i in sample_batch(rng, len(train_docs), cfg.batch_size)]
+
+            # --- rollouts (pg: the current policy, greedy unless --temperature) / targets (ntp: references)
+            def policy_rollout():
+                with learner.generating(backend):
+                    return rollout(backend, task, docs, family=family, max_new_tokens=max_new,
+                                   temperature=cfg.temperature)
+
+            p_ids, c_ids, weights, rewards = training_batch(cfg.objective, learner.tokenizer, task, docs, family,
+                                                            policy_rollout)
+            times["rollout_s"] = time.perf_counter() - t0
+
+            # --- loss + backward (micro-batched; gradients accumulate in the learner's tensors)
+            t0 = time.perf_counter()
+            for p in params:
+                p.grad = None
+            stats = learner.loss_backward(p_ids, c_ids, weights)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if not math.isfinite(stats["loss"]):
+                raise nonfinite_error("the loss", it, ckpt_path)
+
+            # --- clip + step
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            if not math.isfinite(grad_norm):
+                raise nonfinite_error("the gradient", it, ckpt_path)
+            lr_now = opt.param_groups[0]["lr"]
+            opt.step()
+            if sched is not None:
+                sched.step()
+            if not _finite(params):
+                raise nonfinite_error(learner.what, it, ckpt_path)
+            times["grad_s"] = time.perf_counter() - t0
+
+            row: dict[str, Any] = {
+                "iteration": it,
+                "reward_mean": float(np.mean(rewards)) if rewards else None,
+                "reward_std": float(np.std(rewards)) if rewards else None,
+                "pg_loss": stats["pg_loss"] if cfg.objective == "pg" else None,
+                "ntp_loss": stats["pg_loss"] if cfg.objective == "ntp" else None,
+                "kl": stats["kl"], "loss": stats["loss"], "grad_norm": grad_norm, **learner.log_stats(),
+                "lr": lr_now, "completion_tokens": stats["n_tokens"],
+            }
+
+            # --- evaluate (greedy; valid — else train — selects the best state)
+            if it % cfg.eval_every == 0 or it == cfg.iterations - 1:
+                t0 = time.perf_counter()
+                with learner.generating(backend):
+                    scores = {s: rollout(backend, task, d, family=family, max_new_tokens=max_new).accuracy
+                              for s, d in eval_docs.items() if d}
+                times["eval_s"] = time.perf_counter() - t0
+                row["split_scores"] = scores
+                v = scores.get("valid", scores.get("train", 0.0))
+
+                # --- best
+                row["best"] = v > best["valid"]
+                if row["best"]:
+                    best = {"valid": v, "iteration": it, "split_scores": scores}
+                    best_state = learner.state()
+            row["time"] = times
+
+            # --- checkpoint (everything the outputs are made from), then log
+            rows.append(row)
+            train_s += time.perf_counter() - t_start
+            t_start = time.perf_counter()
+            atomic_torch_save({
+                "iteration": it, learner.state_key: learner.state(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None,
+                "np_rng": rng.get_state(), "torch_rng": torch.get_rng_state(),
+                "best": best, "best_state": best_state, "rows": rows, "train_s": train_s,
+                "identity": cfg.identity(),
+            }, ckpt_path)
+            append_jsonl(log_path, row)
+            bar.update(1)
+            bar.set_postfix(loss=row["loss"], valid=best["valid"])
+    finally:
+        bar.close()
+        if backend is not None:
+            backend.close()
+
+    # --- declared outputs, always (re)written from the checkpoint's contents
+    done = end >= cfg.iterations
+    if best_state is not None:
+        learner.write_outputs(out, best_state, best)
+    write_jsonl(log_path, rows)
+    summary = {"task": cfg.task, "iterations_done": end, "finished": done, "best": best,
+               **learner.summary_paths(out), "log": str(log_path)}
+    if done:
+        from ..provenance import record, write_sidecar
+
+        write_sidecar(out, record(learner.stage, dataclasses.asdict(cfg), seeds={"seed": cfg.seed},
+                                  inputs=learner.inputs(), timings={"train_s": train_s},
+                                  extra={"summary": summary}))
+    return summary
+
+
+def run_cli(args, cfg_cls: type, train_fn) -> int:
+    """The body of `t2eval train-svf|train-lora`: threads, model dir, config from the parsed options, run."""
+    from .. import stage_config
+    from ..models.loading import resolve_model_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model = str(resolve_model_dir(args.model))
+    print(json.dumps(train_fn(stage_config.from_args(cfg_cls, args)), default=str))
+    return 0

@@ -1,0 +1,83 @@
+"""Every command the workflow would run parses with the real `t2eval <subcommand>` parser.
+
+Dry-runs the DAG of each shipped config (`snakemake -n -p`), takes each job's shell command,
+splits it like the shell does and parses the `t2eval <sub> ...` part with `t2eval.cli`'s own
+parser for that subcommand: a flag a rule passes but the subcommand lacks (argparse exit) fails
+here, naming the rule and the command, instead of hours into a GPU run."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from t2eval.cli import COMMANDS, subcommand_parser
+
+REPO = Path(__file__).resolve().parent.parent
+ENV_PREFIX = ("OMP_NUM_THREADS=", "MKL_NUM_THREADS=", "HF_ALLOW_CODE_EVAL=")
+
+
+def dry_run_commands(config: str, workdir: Path) -> list[tuple[str, str]]:
+    """(rule, shell command) of every job `snakemake -n -p` plans for `config`."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "2", "-s", str(REPO / "Snakefile"),
+                        "-d", str(workdir), "--configfile", str(REPO / "workflow" / "config" / f"{config}.yaml")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs, rule = [], None
+    for line in r.stdout.splitlines():
+        if line.startswith("rule ") and line.rstrip().endswith(":"):
+            rule = line.split()[1].rstrip(":")
+        elif line.startswith("Shell command: ") and rule is not None:
+            cmd = line[len("Shell command: "):].strip()
+            if cmd != "None":
+                jobs.append((rule, cmd))
+            rule = None
+    return jobs
+
+
+def t2eval_argv(rule: str, cmd: str) -> tuple[str, list[str]]:
+    """(subcommand, its arguments) of a rule's command: env settings, `t2eval SUB ARGS`, `2> LOG`."""
+    tokens = shlex.split(cmd)
+    if "2>" in tokens:
+        tokens = tokens[:tokens.index("2>")]
+    assert "t2eval" in tokens, f"rule {rule} runs no t2eval subcommand: {cmd}"
+    i = tokens.index("t2eval")
+    assert all(t.startswith(ENV_PREFIX) for t in tokens[:i]), f"rule {rule}: unexpected shell before t2eval: {cmd}"
+    assert tokens[i + 1] in COMMANDS, f"rule {rule}: unknown subcommand {tokens[i + 1]!r} in {cmd}"
+    return tokens[i + 1], tokens[i + 2:]
+
+
+def parse_or_fail(rule: str, cmd: str):
+    sub, args = t2eval_argv(rule, cmd)
+    try:
+        return sub, subcommand_parser(sub).parse_args(args)
+    except SystemExit as e:
+        pytest.fail(f"rule {rule}: `t2eval {sub}` rejects its arguments (argparse exit {e.code}; see stderr above):\n"
+                    f"  {cmd}")
+
+
+@pytest.mark.parametrize("config", ["paper", "default", "micro"])
+def test_every_dag_command_parses(config, tmp_path):
+    jobs = dry_run_commands(config, tmp_path)
+    assert jobs
+    parsed = [(rule, *parse_or_fail(rule, cmd)) for rule, cmd in jobs]
+    rules = {rule for rule, _, _ in parsed}
+    assert {"prepare_model", "prepare_data", "decompose", "train_svf", "train_lora", "fit_fewshot", "evaluate",
+            "tables", "figures"} <= rules
+    if config == "paper":  # Table 5: few-shot α of Mistral over Llama's experts
+        xfer = [ns for rule, _, ns in parsed if rule == "fit_fewshot_cross_model"]
+        assert len(xfer) == 3 and all(ns.allow_cross_model and "llama3-8b/svf" in ns.experts for ns in xfer)
+        own = [ns for rule, _, ns in parsed if rule == "fit_fewshot"]
+        assert own and not any(ns.allow_cross_model for ns in own)
+        assert {"train_svf_kl", "select_kl"} <= rules
+
+
+def test_a_flag_the_subcommand_lacks_fails_naming_the_rule():
+    cmd = "OMP_NUM_THREADS=1 t2eval fit-fewshot --model m --svd s --experts e --task math --out o --no-such-flag 2> x"
+    with pytest.raises(pytest.fail.Exception, match="rule fit_fewshot_cross_model"):
+        parse_or_fail("fit_fewshot_cross_model", cmd)
