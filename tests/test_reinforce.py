@@ -244,6 +244,75 @@ def test_resume_refuses_other_settings(full_run, tiny, svd_path, tmp_path):
         train_svf(_cfg(tiny, svd_path, tmp_path / "run", lr=0.1), task=ToyTask())
 
 
+def test_resume_refuses_another_protocol(full_run, tiny, svd_path, tmp_path, monkeypatch):
+    """The protocol and its knobs are part of the resume identity (explicit or from $T2EVAL_PROTOCOL)."""
+    from t2eval.train.reinforce import train_svf
+
+    out_full, _ = full_run
+    shutil.copytree(out_full, tmp_path / "run")
+    with pytest.raises(T2EvalError, match="other settings.*bos.*pg_code_prompt.*protocol"):
+        train_svf(_cfg(tiny, svd_path, tmp_path / "run", protocol="corrected"), task=ToyTask())
+    monkeypatch.setenv("T2EVAL_PROTOCOL", "corrected")
+    with pytest.raises(T2EvalError, match="other settings.*protocol"):
+        train_svf(_cfg(tiny, svd_path, tmp_path / "run"), task=ToyTask())
+
+
+def test_fp32_run_keeps_fp32_z_and_adam_state(full_run):
+    out, _ = full_run
+    ck = torch.load(out / "checkpoints" / "latest.pt", weights_only=False)
+    assert {v.dtype for v in ck["z"].values()} == {torch.float32}
+    assert {t.dtype for st in ck["optimizer"]["state"].values() for k, t in st.items() if k != "step"} == \
+        {torch.float32}
+    meta = json.loads(__import__("safetensors").safe_open(out / "z.safetensors", "pt").metadata()["meta"])
+    assert meta["svf_precision"] == "fp32" and meta["training"]["protocol"]["name"] == "release"
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["svf_precision"] == "fp32" and prov["rollout_precision"] == "fp32"
+    assert prov["protocol"]["name"] == "release" and prov["config"]["protocol"] == "release"
+    assert prov["protocol"]["knobs"]["bos"] == "double" and prov["config"]["pg_code_prompt"] == "prefill_turn"
+
+
+def test_bf16_precision_z_adam_state_and_rollouts(tiny, svd_path, tmp_path):
+    """svf_precision=bf16 (the release): z and Adam's states are bf16, one iteration runs, the HF
+    rollouts see W′ composed in bf16, and the expert/provenance say so."""
+    from t2eval import svf
+    from t2eval.train import loop
+    from t2eval.train.reinforce import SVFLearner, train_svf
+
+    summary = train_svf(_cfg(tiny, svd_path, tmp_path, svf_precision="bf16", iterations=1), task=ToyTask())
+    assert summary["finished"]
+    ck = torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)
+    assert {v.dtype for v in ck["z"].values()} == {torch.bfloat16}
+    states = ck["optimizer"]["state"].values()
+    assert {t.dtype for st in states for k, t in st.items() if k != "step"} == {torch.bfloat16}
+    assert all(torch.isfinite(st["exp_avg"]).all() and st["exp_avg"].abs().sum() > 0 for st in states)
+    ev = svf.ExpertVector.load(tmp_path / "z.safetensors")  # saved as fp32 (exactly the bf16 values)
+    assert all(torch.equal(ev.z[n], ck["best_state"][n].float()) for n in ev.z)
+    assert ev.meta["svf_precision"] == "bf16" and ev.meta["training"]["rollout_precision"] == "bf16"
+    assert json.loads((tmp_path / "provenance.json").read_text())["svf_precision"] == "bf16"
+
+    # rollouts: the shared HF model holds W′ composed in bf16 from bf16 factors, the base weights after
+    cfg = loop.resolve_protocol(_cfg(tiny, svd_path, tmp_path / "x", svf_precision="bf16"))
+    learner = SVFLearner(cfg)
+    with torch.no_grad():
+        for z in learner.z.values():
+            z.add_(torch.linspace(-1, 1, z.numel(), dtype=z.dtype))
+    backend = learner.make_backend(cfg)
+    params = dict(learner.model.named_parameters())
+    base = {n: params[n].detach().clone() for n in learner.svd.names}
+    scales = learner.policy.scales()
+    try:
+        with learner.generating(backend):
+            for n in learner.svd.names:
+                U, S, V = learner.svd.usv(n)
+                want = svf.compose(U, S, V, scales[n], params[n].dtype, "bf16")
+                assert torch.equal(params[n], want), n
+            assert any(not torch.equal(params[n], svf.compose(*learner.svd.usv(n), scales[n], params[n].dtype))
+                       for n in learner.svd.names)  # not the fp32 composition
+    finally:
+        backend.close()
+    assert all(torch.equal(params[n], base[n]) for n in base)
+
+
 def test_nan_guard_keeps_last_good_checkpoint(tiny, svd_path, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -8,6 +8,10 @@ no torch, so the Snakefile can read it cheaply.
 A training config's `identity()` is what a resumed run must share with the run that wrote the
 checkpoint: every field except the ones in `RESUME_FREE` (where the outputs go, how the work is
 batched or shown, which device): those may change between an interruption and its resumption.
+The protocol (`--protocol`, t2eval.protocol) and its training knobs (`--bos`, `--pg-code-prompt`,
+`--cls-max-new-tokens`; None = the protocol's value) are part of it: `loop.apply_protocol` makes them
+concrete before the checkpoint is compared, so a run started under `release` never resumes under
+`corrected` (or under another $T2EVAL_PROTOCOL).
 """
 
 from __future__ import annotations
@@ -22,6 +26,12 @@ from ..stage_config import opt
 TASKS: tuple[str, ...] = TRAIN_TASKS + CLS_TASKS
 DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("pg", "ntp")
+PROTOCOLS = ("release", "corrected")  # = t2eval.protocol.PROTOCOLS (tested)
+BOS_MODES = ("double", "single")      # = t2eval.tokens.BOS_MODES (tested)
+PG_CODE_PROMPTS = ("prefill_turn", "sampling_prompt")  # = losses.PG_CODE_PROMPTS (tested)
+SVF_PRECISIONS = ("fp32", "bf16")     # = t2eval.svf.PRECISIONS (tested); this module imports no torch
+# TrainConfig fields that override a protocol knob of the same name (None: the protocol's value)
+KNOB_FIELDS: tuple[str, ...] = ("bos", "pg_code_prompt", "cls_max_new_tokens")
 # LoRA target modules: attn = the paper's q_proj + v_proj; mlp+attn adds the MLP (Table 4 row #7)
 LORA_TARGETS: dict[str, list[str]] = {"attn": ["q_proj", "v_proj"],
                                       "mlp+attn": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -41,7 +51,8 @@ class TrainConfig:
     iterations: int = opt(200, help="optimiser steps")
     batch_size: int = opt(256, help="global batch (clipped to the train-split size; gradient accumulation)")
     micro_batch: int = opt(8, help="sequences per padded forward/backward")
-    max_new_tokens: int | None = opt(None, help="rollout/eval length (default: the task's, 512)")
+    max_new_tokens: int | None = opt(None, help="rollout/eval length (default: the task's, 512); the classifier "
+                                                "tasks (cls, cls_leakfree) use --cls-max-new-tokens instead")
     eval_every: int = opt(10, help="evaluate the --eval-splits every k iterations (and at the last)")
     eval_limit: int | None = opt(None, help="evaluate only the first n docs of each split")
     temperature: float = opt(0.0, help="rollout temperature (0: greedy, the release)")
@@ -53,6 +64,20 @@ class TrainConfig:
     stop_after: int | None = opt(None, help="stop this invocation after n iterations (the next run resumes)")
     threads: int = opt(0, help="torch CPU threads (0: torch's default; 1 is much faster on a shared, loaded machine)")
     progress: bool = opt(True, help="no tqdm progress bar")
+    protocol: str | None = opt(None, help="release (the code release, bugs included) | corrected; default: "
+                                          "$T2EVAL_PROTOCOL, else release. The task reward and the knobs below "
+                                          "follow it (`t2eval protocol` lists every knob)", choices=PROTOCOLS)
+    bos: str | None = opt(None, help="BOS of the loss's prompt tokens: double (release: the tokenizer's BOS even "
+                                     "where the chat template has one) | single; default: the protocol's",
+                          choices=BOS_MODES)
+    pg_code_prompt: str | None = opt(None, help="prompt of the PG loss on code tasks: prefill_turn (release: "
+                                                "\"@@ Response:\\n```python\", the pre-fill as an assistant turn) | "
+                                                "sampling_prompt (the rollout's own prompt); default: the protocol's",
+                                     choices=PG_CODE_PROMPTS)
+    cls_max_new_tokens: int | None = opt(None, help="rollout/eval length on the classifier tasks (release: 1024, "
+                                                    "whatever --max-new-tokens says); default: the protocol's")
+    protocol_overrides: dict = opt(help="knob overrides in force ($T2EVAL_PROTOCOL_OVERRIDES + the knob options; "
+                                        "set by loop.apply_protocol)", cli=False, default_factory=dict)
 
     def identity(self) -> dict:
         d = dataclasses.asdict(self)
@@ -80,6 +105,8 @@ class SVFTrainConfig(TrainConfig):
     param: str = opt("code", help="SVF parameterisation (code: sigmoid + mass rescale; paper: σ ⊙ z)",
                      choices=("code", "paper"))
     backend: str = opt("hf", help="rollout/evaluation backend", choices=("hf", "vllm"))
+    svf_precision: str = opt("fp32", help="fp32 | bf16 (the release: z and Adam state bf16, W′ composed in bf16 "
+                                          "from bf16 factors, also for the rollouts)", choices=SVF_PRECISIONS)
 
 
 @dataclass

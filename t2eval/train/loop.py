@@ -9,6 +9,12 @@ declared outputs (z.safetensors; the peft adapter files). Everything else is her
     clip + optimiser/scheduler step → every k iterations evaluate (valid selects the best) →
     checkpoint → log row
 
+The protocol (`--protocol`, t2eval.protocol): `apply_protocol` makes it and its training knobs
+concrete in the config (so they are part of the resume identity) and the default of the process
+while the run lasts, so the task (`get_task`: reward, data) and the backends follow it; the loss
+inputs follow `bos` and `pg_code_prompt` (losses.loss_inputs), the classifier tasks generate
+`cls_max_new_tokens` tokens (`generation_length`); provenance.json records the protocol.
+
 Resume that cannot get stuck: `checkpoints/latest.pt` holds everything a run has produced — the
 current state, optimiser/scheduler/RNG states, the *best* state with its scores, every log row and
 the training time so far. Re-running the same command continues from it, and every invocation
@@ -20,6 +26,7 @@ run had already finished.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -32,9 +39,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..constants import CLS_TASKS
 from ..errors import T2EvalError
-from .configs import TrainConfig
-from .rollout import encode_completions, rollout
+from .configs import KNOB_FIELDS, TrainConfig
+from .rollout import rollout
 from . import losses
 
 log = logging.getLogger(__name__)
@@ -44,6 +52,48 @@ LOG = "log.jsonl"
 
 
 # ------------------------------------------------------------------------------------ helpers
+def resolve_protocol(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with a concrete protocol name and knob fields (None → the protocol's value).
+
+    The knob overrides in force are $T2EVAL_PROTOCOL_OVERRIDES (the workflow's protocol_overrides)
+    plus the knob fields given explicitly; they are kept in `protocol_overrides`."""
+    from .. import protocol as P
+
+    name = P.check(cfg.protocol) if cfg.protocol else P.default_protocol()
+    fields = {k: getattr(cfg, k) for k in KNOB_FIELDS
+              if getattr(cfg, k) is not None and getattr(cfg, k) != P.value(k, name, {})}
+    over = {**P.env_overrides(), **cfg.protocol_overrides, **fields}
+    knobs = P.settings(name, over)  # validates the overrides
+    return dataclasses.replace(cfg, protocol=name, protocol_overrides=over, **{k: knobs[k] for k in KNOB_FIELDS})
+
+
+@contextlib.contextmanager
+def apply_protocol(cfg: TrainConfig):
+    """Yield the resolved config (`resolve_protocol`) with its protocol made the process default
+    (`protocol.use`: what `get_task` and the backends read), restoring the environment after."""
+    from .. import protocol as P
+
+    cfg = resolve_protocol(cfg)
+    saved = {v: os.environ.get(v) for v in (P.ENV_VAR, P.OVERRIDES_ENV_VAR)}
+    try:
+        os.environ.pop(P.OVERRIDES_ENV_VAR, None)
+        P.use(cfg.protocol, cfg.protocol_overrides)
+        yield cfg
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def protocol_record(cfg: TrainConfig) -> dict:
+    """What provenance.json and the expert's metadata say about the protocol (name, overrides, knobs)."""
+    from .. import protocol as P
+
+    return P.record(cfg.protocol, cfg.protocol_overrides)
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Refuse impossible settings before anything is loaded."""
     if cfg.objective not in ("pg", "ntp"):
@@ -99,13 +149,25 @@ def limit(docs: list, n: int | None) -> list:
     return docs if n is None else docs[:n]
 
 
+def generation_length(cfg, task) -> int:
+    """Rollout/eval length: the classifier tasks `cls_max_new_tokens` (the protocol's: 1024, the release's
+    classifier-expert training, whatever --max-new-tokens says); others --max-new-tokens, else the task's."""
+    if cfg.task in CLS_TASKS:
+        if cfg.cls_max_new_tokens is not None:
+            return int(cfg.cls_max_new_tokens)
+        from ..protocol import value
+
+        return int(value("cls_max_new_tokens", cfg.protocol))
+    return cfg.max_new_tokens or task.gen_kwargs.get("max_new_tokens", 512)
+
+
 def task_data(task, cfg) -> tuple[list, dict[str, list], int]:
     """Train docs (non-empty), the evaluated splits' docs (limited) and the generation length."""
     train_docs = task.docs("train", cfg.data_dir)
     if not train_docs:
         raise T2EvalError(f"task {cfg.task}: the train split is empty (data dir {cfg.data_dir})")
     eval_docs = {s: limit(task.docs(s, cfg.data_dir), cfg.eval_limit) for s in cfg.eval_splits}
-    return train_docs, eval_docs, cfg.max_new_tokens or task.gen_kwargs.get("max_new_tokens", 512)
+    return train_docs, eval_docs, generation_length(cfg, task)
 
 
 def sample_batch(rng: np.random.RandomState, n_train: int, batch_size: int) -> list[int]:
@@ -113,17 +175,21 @@ def sample_batch(rng: np.random.RandomState, n_train: int, batch_size: int) -> l
     return [int(i) for i in rng.choice(n_train, size=min(batch_size, n_train), replace=False)]
 
 
-def training_batch(objective: str, tok, task, docs: list, family: str, policy_rollout):
+def training_batch(objective: str, tok, task, docs: list, family: str, policy_rollout, *, bos: str = "double",
+                   pg_code_prompt: str = "prefill_turn"):
     """(prompt ids, completion ids, per-sequence weights, rewards) of one iteration's batch.
 
-    pg: the current policy's rollouts (`policy_rollout()`), weighted r/B; ntp: the task's reference
-    solutions (+EOS), weighted for the mean token NLL."""
+    pg: the current policy's rollouts (`policy_rollout()`), scored after `losses.pg_prompt` (the
+    release: code completions after the pre-fill as an assistant turn), weighted r/B; ntp: the
+    task's reference solutions (+EOS) after the sampling prompt, weighted for the mean token NLL.
+    Prompts are tokenised with the BOS rule `bos` (`losses.loss_inputs`)."""
     if objective == "pg":
         ro = policy_rollout()
-        p_ids, c_ids = encode_completions(tok, ro.prompts, ro.completions)
+        prompts = [losses.pg_prompt(task, tok, d, p, family, pg_code_prompt) for d, p in zip(ro.docs, ro.prompts)]
+        p_ids, c_ids = losses.loss_inputs(tok, prompts, ro.completions, bos=bos)
         return p_ids, c_ids, losses.pg_weights(ro.rewards, len(docs)), ro.rewards
     prompts = [task.prompt(tok, d, family) for d in docs]
-    p_ids, c_ids = encode_completions(tok, prompts, [task.reference(d) for d in docs], append_eos=True)
+    p_ids, c_ids = losses.loss_inputs(tok, prompts, [task.reference(d) for d in docs], bos=bos, append_eos=True)
     return p_ids, c_ids, losses.ntp_weights(c_ids), []
 
 
@@ -185,8 +251,10 @@ def _finite(params: Sequence[torch.Tensor]) -> bool:
 def train(cfg: TrainConfig, learner, task) -> dict:
     """Train (or resume, or just re-emit the outputs of) one run of `learner`; returns a summary.
 
-    `learner` (SVFLearner / LoRALearner) is built by the caller, after `torch.manual_seed(cfg.seed)`.
+    `learner` (SVFLearner / LoRALearner) is built by the caller, after `torch.manual_seed(cfg.seed)`;
+    `cfg` as `apply_protocol` yields it (an unresolved one is resolved here, without touching the environment).
     """
+    cfg = resolve_protocol(cfg)
     t_start = time.perf_counter()
     out = Path(cfg.out)
     ckpt_path, log_path = out / CHECKPOINT, out / LOG
@@ -230,7 +298,8 @@ def train(cfg: TrainConfig, learner, task) -> dict:
                                    temperature=cfg.temperature)
 
             p_ids, c_ids, weights, rewards = training_batch(cfg.objective, learner.tokenizer, task, docs, family,
-                                                            policy_rollout)
+                                                            policy_rollout, bos=cfg.bos,
+                                                            pg_code_prompt=cfg.pg_code_prompt)
             times["rollout_s"] = time.perf_counter() - t0
 
             # --- loss + backward (micro-batched; gradients accumulate in the learner's tensors)
@@ -314,7 +383,8 @@ def train(cfg: TrainConfig, learner, task) -> dict:
 
         write_sidecar(out, record(learner.stage, dataclasses.asdict(cfg), seeds={"seed": cfg.seed},
                                   inputs=learner.inputs(), timings={"train_s": train_s},
-                                  extra={"summary": summary}))
+                                  extra={"summary": summary, "protocol": protocol_record(cfg),
+                                         **learner.provenance()}))
     return summary
 
 

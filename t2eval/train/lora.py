@@ -154,11 +154,15 @@ class LoRALearner:
     def inputs(self) -> dict:
         return {"model": str(self.cfg.model)}
 
+    def provenance(self) -> dict:
+        return {}
+
 
 def train_lora(cfg: LoRATrainConfig, task=None) -> dict:
     """Train (or resume) a LoRA adapter; returns a summary dict."""
-    loop.check_config(cfg)
-    torch.manual_seed(cfg.seed)
-    if task is None:
-        task = loop.load_task(cfg.task, **cfg.task_options)
-    return loop.train(cfg, LoRALearner(cfg), task)
+    with loop.apply_protocol(cfg) as cfg:  # the task, the loss inputs and the backends follow --protocol
+        loop.check_config(cfg)
+        torch.manual_seed(cfg.seed)
+        if task is None:
+            task = loop.load_task(cfg.task, **cfg.task_options)
+        return loop.train(cfg, LoRALearner(cfg), task)

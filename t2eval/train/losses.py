@@ -15,6 +15,16 @@ against `ref_forward` (the base model), per completion position:
   - "code"  (default, what the release computes with F.kl_div(policy_logp, ref_logp, log_target=True)):
     KL(π_W ‖ π_W′) = Σ_v π_W (log π_W − log π_W′)
   - "paper" (the paper's J(z)): KL(π_W′ ‖ π_W) = Σ_v π_W′ (log π_W′ − log π_W)
+
+The loss inputs (`loss_inputs`): which prompt text each completion is scored after, and how it
+becomes token ids (PROTOCOL §8):
+  - `pg_code_prompt` (PG loss on the code tasks): "prefill_turn" (release) scores the completion
+    after the pre-fill rendered as an assistant turn, "…@@ Response:\n```python" — one newline more
+    than the sampling prompt "…@@ Response:```python" the rollout was generated from;
+    "sampling_prompt" (corrected) scores it after the sampling prompt itself. Other tasks, and
+    next-token prediction, always use the sampling prompt.
+  - `bos`: prompts are tokenised with `t2eval.tokens.prompt_ids` ("double": the release's
+    tokenizer default, a second BOS on chat prompts that start with one; "single": one BOS).
 """
 
 from __future__ import annotations
@@ -26,6 +36,36 @@ import torch
 from ..backends.hf import completion_token_logits
 
 KL_DIRECTIONS = ("code", "paper")
+PG_CODE_PROMPTS = ("prefill_turn", "sampling_prompt")
+
+
+def pg_prompt(task, tokenizer, doc: dict, sampling_prompt: str, family: str | None = None,
+              pg_code_prompt: str = "prefill_turn") -> str:
+    """The prompt text the PG loss scores a rollout's completion after (see the module doc)."""
+    from ..constants import CODE_TASKS
+    from ..errors import T2EvalError
+
+    if pg_code_prompt not in PG_CODE_PROMPTS:
+        raise T2EvalError(f"pg_code_prompt={pg_code_prompt!r}: use prefill_turn (the release) or sampling_prompt")
+    if pg_code_prompt == "sampling_prompt" or getattr(task, "key", None) not in CODE_TASKS:
+        return sampling_prompt
+    from ..tasks.code import CODE_CHAT_TEMPLATE, CODE_CHAT_TEMPLATE_PROTOCOL
+
+    if task.chat_template not in (CODE_CHAT_TEMPLATE, CODE_CHAT_TEMPLATE_PROTOCOL):
+        raise T2EvalError(f"pg_code_prompt=prefill_turn needs the release's code template; task {task.key!r} "
+                          f"renders with {task.options.get('template')!r}: use --pg-code-prompt sampling_prompt")
+    msgs, prefill = task.messages(doc, family)
+    # the release's training rendering: every assistant turn (the pre-fill too) is "@@ Response:\n" + text
+    return tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": prefill}], tokenize=False,
+                                         add_generation_prompt=False, chat_template=CODE_CHAT_TEMPLATE_PROTOCOL)
+
+
+def loss_inputs(tokenizer, prompts: Sequence[str], completions: Sequence[str], *, bos: str,
+                append_eos: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, completion ids) of the loss: `rollout.encode_completions` with the BOS rule `bos`."""
+    from .rollout import encode_completions
+
+    return encode_completions(tokenizer, prompts, completions, append_eos=append_eos, bos=bos)
 
 
 def pg_weights(rewards: Sequence[float], batch_size: int | None = None) -> list[float]:

@@ -11,6 +11,12 @@ computed in padded micro-batches (train/losses.py). The model keeps its base wei
 forward is `torch.func.functional_call` with W′ as detached leaf tensors, whose accumulated
 gradients are pushed through W′(z) once per step (the release's two-stage backward, batched).
 
+Precision (`svf_precision`, PROTOCOL §8): "bf16" (the release) makes z a bf16 parameter (so Adam's
+states are bf16) and composes W′ in bf16 from bf16 factors (`svf.SVFModule(precision=)`); the HF
+rollouts compose at the same precision (`svf.SVFPatcher(precision=)` on the shared model). The
+vLLM engine composes the scales itself (recorded as `rollout_precision`). "fp32" (default) is fp32
+throughout.
+
 Objective `ntp` (Table 4 row #4) replaces the rollouts by the task's reference solutions (+ EOS)
 and minimises their mean token NLL.
 
@@ -87,8 +93,12 @@ class SVFLearner:
             raise T2EvalError(f"SVD cache {cfg.svd} names {missing[0]} which {cfg.model} does not have: "
                               "decompose this model (t2eval decompose)")
         self.model = model
-        self.policy = svf.SVFModule(model, self.svd, svf.init_z(self.svd, cfg.seed), param=cfg.param)
+        self.policy = svf.SVFModule(model, self.svd, svf.init_z(self.svd, cfg.seed), param=cfg.param,
+                                    precision=cfg.svf_precision)
         self.z = self.policy.z_dict()
+        # HF rollouts share `model`: W′ is written into it at the training precision
+        self.patcher = svf.SVFPatcher(model, self.svd, precision=cfg.svf_precision)
+        self.rollout_precision = cfg.svf_precision if cfg.backend == "hf" else f"{cfg.backend} engine"
 
     def params(self) -> list[torch.Tensor]:
         return list(self.z.values())
@@ -106,12 +116,15 @@ class SVFLearner:
 
     @contextlib.contextmanager
     def generating(self, backend):
-        """The backend generates with W′(z) inside, with the base weights after."""
-        backend.set_scales(self.policy.scales())
+        """The backend generates with W′(z) inside, with the base weights after (HF: the shared model
+        patched at `svf_precision`; other engines: their own `set_scales`)."""
+        shared = getattr(backend, "model", None) is self.model
+        swap = self.patcher.apply if shared else backend.set_scales
+        swap(self.policy.scales())
         try:
             yield
         finally:
-            backend.set_scales(None)
+            swap(None)
 
     def loss_backward(self, p_ids, c_ids, weights) -> dict[str, float]:
         c = self.cfg
@@ -127,9 +140,10 @@ class SVFLearner:
         svf, c = _svf(), self.cfg
         training = {"objective": c.objective, "optimizer": c.optimizer, "kl_coef": c.kl_coef, "seed": c.seed,
                     "model": str(c.model), "svd": str(c.svd), "iteration": best["iteration"],
-                    "split_scores": best["split_scores"]}
-        svf.ExpertVector.from_svd(state, self.svd, self.policy.param, c.task, training=training).save(
-            out / "z.safetensors")
+                    "split_scores": best["split_scores"], "svf_precision": c.svf_precision,
+                    "rollout_precision": self.rollout_precision, "protocol": loop.protocol_record(c)}
+        svf.ExpertVector.from_svd(state, self.svd, self.policy.param, c.task, training=training,
+                                  svf_precision=c.svf_precision).save(out / "z.safetensors")
 
     def summary_paths(self, out: Path) -> dict:
         return {"z": str(out / "z.safetensors")}
@@ -137,14 +151,18 @@ class SVFLearner:
     def inputs(self) -> dict:
         return {"model": str(self.cfg.model), "svd": str(self.cfg.svd)}
 
+    def provenance(self) -> dict:
+        return {"svf_precision": self.cfg.svf_precision, "rollout_precision": self.rollout_precision}
+
 
 def train_svf(cfg: SVFTrainConfig, task=None) -> dict:
     """Train (or resume) an SVF expert; returns a summary dict (best valid, iterations, paths).
 
     `task`: a task object (default: `get_task(cfg.task, **cfg.task_options)`).
     """
-    loop.check_config(cfg)
-    torch.manual_seed(cfg.seed)
-    if task is None:
-        task = loop.load_task(cfg.task, **cfg.task_options)
-    return loop.train(cfg, SVFLearner(cfg), task)
+    with loop.apply_protocol(cfg) as cfg:  # the task, the loss inputs and the backends follow --protocol
+        loop.check_config(cfg)
+        torch.manual_seed(cfg.seed)
+        if task is None:
+            task = loop.load_task(cfg.task, **cfg.task_options)
+        return loop.train(cfg, SVFLearner(cfg), task)

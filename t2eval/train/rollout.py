@@ -50,18 +50,21 @@ def rollout(backend, task, docs: Sequence[dict], *, family: str | None = None, m
 
 
 def encode_completions(tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                       append_eos: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+                       append_eos: bool = False, bos: str | None = None) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, completion ids) per pair.
 
-    The prompt is tokenised alone (no special tokens added: the chat template holds them) and the
-    completion is the remainder of tokenising prompt + completion, as in the code release; when
-    that tokenisation does not extend the prompt's (a merge across the boundary), the completion
-    is tokenised on its own.
+    The prompt is tokenised alone with the BOS rule `bos` (`t2eval.tokens.prompt_ids`; None: the
+    protocol's, `tokens.bos_mode()`) and the completion is the remainder of tokenising prompt +
+    completion the same way, as in the code release; when that tokenisation does not extend the
+    prompt's (a merge across the boundary), the completion is tokenised on its own.
     """
+    from ..tokens import bos_mode, prompt_ids
+
+    bos = bos or bos_mode()
     p_ids, c_ids = [], []
     for p, c in zip(prompts, completions):
-        pi = tokenizer(p, add_special_tokens=False)["input_ids"]
-        full = tokenizer(p + c, add_special_tokens=False)["input_ids"]
+        pi = prompt_ids(tokenizer, p, bos)
+        full = prompt_ids(tokenizer, p + c, bos)
         ci = full[len(pi):] if full[:len(pi)] == pi else tokenizer(c, add_special_tokens=False)["input_ids"]
         if append_eos and tokenizer.eos_token_id is not None:
             ci = ci + [tokenizer.eos_token_id]
