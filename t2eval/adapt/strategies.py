@@ -369,11 +369,13 @@ class Prompt(Strategy):
     def choose(self, lm, questions, true_task):
         from . import dispatch as dsp
 
+        # the rendering of this task's first pass (protocol knob dispatch_template), set by the t2 model
+        render = getattr(lm, "t2_first_pass_render", None)
         if self.cfg.dispatch == "logprob":
             return dsp.dispatch_logprob(questions, lm.tokenizer, lm._t2_score,
-                                        getattr(lm, "_t2_next_token_logprobs", None))
+                                        getattr(lm, "_t2_next_token_logprobs", None), render=render)
         return dsp.dispatch_generate(questions, lm.tokenizer, lm._t2_generate,
-                                     max_new_tokens=self.cfg.cls_max_new_tokens)
+                                     max_new_tokens=self.cfg.cls_max_new_tokens, render=render)
 
     def vllm_kwargs(self, kw):
         super().vllm_kwargs(kw)
