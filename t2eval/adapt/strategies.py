@@ -357,8 +357,9 @@ class LoRAAdapter(Strategy):
 
 @register_strategy("prompt")
 class Prompt(Strategy):
-    """Two passes: the base model classifies each question (generate or logprob), then each
-    document is answered with its category's expert ("other" → base weights)."""
+    """Two passes: the base model classifies each question (generate or logprob; rendered as the
+    protocol's `dispatch_template` says), then each document is answered with its category's expert
+    ("other": the protocol's `dispatch_other`, the release's last expert loaded or the base weights)."""
 
     title = "Prompt"
     two_pass = True
