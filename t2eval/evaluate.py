@@ -12,6 +12,13 @@ pass timing, dispatch rows, lm-eval's results + config, provenance incl. sha256 
 config, every expert file and the data). lm-eval's own results JSON and samples are kept beside
 the cell in `<task>.lm_eval/`. `--lm-eval-task NAME` runs any lm-eval task (stock `gsm8k`,
 `arc_challenge`, …) through `t2` instead, for leaderboard-comparable numbers.
+
+`--protocol release|corrected` (default: $T2EVAL_PROTOCOL, else release) becomes the `t2`
+model's `protocol=` (and the process default, so lm-eval's t2_* tasks agree); the cell records
+`provenance.protocol` (`t2eval.protocol.record`: name, overrides, every knob) and, for few-shot
+cells, `provenance.alpha_selection` from alpha.json. The SVD cache is checked against the model
+(`svd.check_svd_for_model`) before anything is loaded; a foreign expert is refused unless
+cross_model=true (the `t2` model checks every expert against the cache at construction).
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ class EvaluateConfig:
     allow_code_execution: bool = opt(False, help="run generated code for mbpp/humaneval in the sandbox "
                                      "(sets HF_ALLOW_CODE_EVAL=1)")
     model_name: str | None = opt(None, help="model name written into the cell (default from --model)")
+    protocol: str | None = opt(None, help="release (the code release, default) or corrected; "
+                               "default: $T2EVAL_PROTOCOL, else release (overrides protocol= in model args)",
+                               choices=("release", "corrected"))
 
 
 CONFIG = EvaluateConfig
@@ -237,7 +247,7 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
              limit: int | None = None, split: str = "test", data_dir: str | None = None,
              lm_eval_task: str | None = None, include_path: str | None = None, backend: str | None = None,
              batch_size=None, device: str | None = None, seed: int = 0, name: str | None = None,
-             lm=None, gen_kwargs: str | None = None) -> dict[str, Any]:
+             lm=None, gen_kwargs: str | None = None, protocol: str | None = None) -> dict[str, Any]:
     """Run one evaluation and write the cell; returns the cell. `lm` reuses an already built `t2`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -246,7 +256,19 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
     from .config import DATA_DIR_ENV
     from .results import TASK_METRIC, make_cell, write_cell
 
+    from . import protocol as proto
+
     margs = parse_model_args(model_args)
+    if protocol:
+        margs["protocol"] = proto.check(protocol)
+    margs.setdefault("protocol", proto.default_protocol())
+    if "protocol_overrides" not in margs and proto.env_overrides():
+        margs["protocol_overrides"] = json.dumps(proto.env_overrides(), sort_keys=True)
+    proto.use(margs["protocol"], _overrides_of(margs))  # the task layer reads the same protocol
+    if lm is None and margs.get("svd") and str(margs["svd"]) != "none":
+        from .svd import check_svd_for_model
+
+        check_svd_for_model(margs["svd"], model)  # StaleCacheError before minutes of loading
     if data_dir:
         os.environ[DATA_DIR_ENV] = str(data_dir)
     tname = lm_eval_task or lm_eval_task_name(task, split, model)
@@ -301,6 +323,13 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
                          data_files=data_files(data_dir, task), inputs=inputs,
                          timings={"load_s": load_s, "eval_s": eval_s},
                          extra={"files": file_inputs(margs), "model_info": info})
+    t2cfg = getattr(lm, "t2", None)
+    record["protocol"] = (proto.record(t2cfg.protocol, t2cfg.protocol_overrides) if t2cfg is not None
+                          else proto.record(margs["protocol"], _overrides_of(margs)))
+    if strategy is not None and strategy.name == "fewshot" and margs.get("alpha"):
+        sel = alpha_selection(margs["alpha"])
+        if sel:
+            record["alpha_selection"] = sel
     cell = make_cell(name or model_name(model), method, task, per_sample, metric=metric, timing=timing,
                      dispatch=dispatch, lm_eval=blob, split=split, provenance=record)
     out = Path(out)
@@ -317,13 +346,31 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
     return cell
 
 
+def _overrides_of(margs: dict[str, Any]) -> dict[str, Any] | None:
+    from .lm import _overrides
+
+    return _overrides(margs.get("protocol_overrides")) or None
+
+
+def alpha_selection(alpha_path: str | Path) -> str | None:
+    """How the few-shot α was chosen ("α selected on the reported set", ...), from alpha.json."""
+    from .adapt.experts import load_alpha
+
+    a = load_alpha(alpha_path)
+    for d in (a, a.get("cem") or {}, a.get("summary") or {}):
+        if isinstance(d, dict) and d.get("alpha_selection"):
+            return str(d["alpha_selection"])
+    return None
+
+
 def run(args) -> int:
     if args.allow_code_execution:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"
     cell = evaluate(args.model, args.method, args.task, args.out, args.model_args, limit=args.limit,
                     split=args.split, data_dir=args.data_dir, lm_eval_task=args.lm_eval_task,
                     include_path=args.include_path, backend=args.backend, batch_size=args.batch_size,
-                    device=args.device, seed=args.seed, name=args.model_name, gen_kwargs=args.gen_kwargs)
+                    device=args.device, seed=args.seed, name=args.model_name, gen_kwargs=args.gen_kwargs,
+                    protocol=args.protocol)
     t = cell["timing"] or {}
     first = f", first pass {t['first_pass_s']:.2f}s / second {t['second_pass_s']:.2f}s" if t.get("first_pass_s") else ""
     print(f"{cell['model']}/{cell['method']}/{cell['task']}: {cell['score']:.4f} "

@@ -160,7 +160,8 @@ def test_second_pass_groups_interleaved_and_keeps_order(tiny, svd_path, experts)
 
     from t2eval.lm import T2LM
 
-    lm = T2LM(pretrained=tiny, strategy="prompt", svd=svd_path, batch_size=8,
+    # protocol corrected: "other" → base weights (the release's "last expert loaded": test_release_dispatch.py)
+    lm = T2LM(pretrained=tiny, strategy="prompt", svd=svd_path, batch_size=8, protocol="corrected",
               experts=";".join(f"{n}:{experts[n]}" for n in ("math", "code", "reasoning")))
     gk = {"until": ["NEVER-STOP-HERE"], "max_gen_toks": 5, "do_sample": False}
     prompts = [lm.apply_chat_template([{"role": "user", "content": d["q"]}]) for d in DOCS]

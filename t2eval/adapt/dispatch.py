@@ -13,6 +13,12 @@ RL training); this module only runs them over a batch, in one of two modes:
   for models that ignore the requested format (whose generated answers parse to "other").
 
 Both take backend-neutral callables so lm-eval's HFLM / VLLM and the t2eval backends can be used.
+
+How the classification request is rendered is the protocol knob `dispatch_template` (PROTOCOL §8
+"Dispatch first pass"): `task` (release) renders the classification system prompt + question with the
+task's own template and token budget (`first_pass_render`: the code tasks' "@@ Instruction" template,
+the Llama-3 ARC pre-fill, 1024 new tokens for MATH, 512 otherwise); `chat` (corrected) uses the
+model's chat template and the cls task's budget. Both modes (generate, logprob) use the same rendering.
 """
 
 from __future__ import annotations
@@ -42,9 +48,49 @@ def expert_for(category: str) -> str | None:
     return EXPERT_OF.get(category)
 
 
-def classification_prompt(tokenizer, question: str) -> str:
-    """The rendered first-pass prompt (chat template + generation prompt) for one question."""
-    return _cls().dispatch_prompt(tokenizer, question)
+DISPATCH_TEMPLATES = ("task", "chat")
+
+
+@dataclass(frozen=True)
+class FirstPassRender:
+    """How a first-pass request is rendered: a chat template replacing the model's (None: the
+    model's own), a pre-fill appended after the generation prompt, and the generation budget
+    (None: the cls task's)."""
+
+    chat_template: str | None = None
+    prefill: str = ""
+    max_new_tokens: int | None = None
+
+
+CHAT = FirstPassRender()
+
+
+def first_pass_render(task: str | None, mode: str = "task", family: str | None = None) -> FirstPassRender:
+    """The first-pass rendering for questions of protocol task `task` (None / a non-t2 task: the
+    model's chat template). mode="task" (release): the task's own chat template, its pre-fill where it
+    does not depend on the document (the Llama-3 ARC "Let's think step by step"; the code tasks' pre-fill
+    is not used: only their template) and its token budget; mode="chat" (corrected): `CHAT`."""
+    from ..constants import CODE_TASKS
+    from ..errors import T2EvalError
+
+    if mode not in DISPATCH_TEMPLATES:
+        raise T2EvalError(f"dispatch_template={mode!r}: use task (the release) or chat (corrected)")
+    if mode == "chat" or not task or task not in TASK_KEYS or task == "cls":
+        return CHAT
+    from ..tasks import get_task
+
+    t = get_task(task)
+    prefill = "" if task in CODE_TASKS else t.prefill({}, family)
+    return FirstPassRender(chat_template=t.chat_template, prefill=prefill, max_new_tokens=int(t.max_new_tokens))
+
+
+def classification_prompt(tokenizer, question: str, render: FirstPassRender | None = None) -> str:
+    """The rendered first-pass prompt (chat template + generation prompt + pre-fill) for one question."""
+    r = render or CHAT
+    if r.chat_template is None:
+        return _cls().dispatch_prompt(tokenizer, question) + r.prefill
+    return tokenizer.apply_chat_template(_cls().dispatch_messages(question), tokenize=False,
+                                         add_generation_prompt=True, chat_template=r.chat_template) + r.prefill
 
 
 def parse_category(text: str) -> str:
@@ -62,12 +108,14 @@ class DispatchResult:
 
 def dispatch_generate(questions: Sequence[str], tokenizer,
                       generate: Callable[[list[str], dict], list[str]],
-                      max_new_tokens: int | None = None) -> DispatchResult:
-    """Generate a classification answer per question (greedy) and parse it."""
+                      max_new_tokens: int | None = None, render: FirstPassRender | None = None) -> DispatchResult:
+    """Generate a classification answer per question (greedy) and parse it. `max_new_tokens`
+    (cls_max_new_tokens=) overrides the rendering's budget."""
     from ..tasks.base import STOP
 
-    prompts = [classification_prompt(tokenizer, q) for q in questions]
-    gk = {"until": list(STOP), "max_gen_toks": int(max_new_tokens or _cls().Cls.max_new_tokens),
+    prompts = [classification_prompt(tokenizer, q, render) for q in questions]
+    budget = max_new_tokens or (render.max_new_tokens if render else None) or _cls().Cls.max_new_tokens
+    gk = {"until": list(STOP), "max_gen_toks": int(budget),
           "do_sample": False, "temperature": 0.0}
     outs = generate(prompts, gk) if prompts else []
     cats = [parse_category(o) for o in outs]
@@ -93,8 +141,8 @@ def label_first_tokens(tokenizer, prompt: str, labels: Sequence[str]) -> list[in
 
 def dispatch_logprob(questions: Sequence[str], tokenizer,
                      score: Callable[[list[tuple[str, str]]], list[float]],
-                     next_token_logprobs: Callable[[list[str]], Sequence[Sequence[float]]] | None = None
-                     ) -> DispatchResult:
+                     next_token_logprobs: Callable[[list[str]], Sequence[Sequence[float]]] | None = None,
+                     render: FirstPassRender | None = None) -> DispatchResult:
     """Score every category label after `prompt + ANSWER_PREFIX`; choose the most likely label.
 
     `score(pairs)` returns sum log p(continuation | context) for (context, continuation) pairs; the
@@ -105,7 +153,7 @@ def dispatch_logprob(questions: Sequence[str], tokenizer,
     question instead of one per (question, label) pair.
     """
     labels = categories()
-    prompts = [classification_prompt(tokenizer, q) + ANSWER_PREFIX for q in questions]
+    prompts = [classification_prompt(tokenizer, q, render) + ANSWER_PREFIX for q in questions]
     firsts = label_first_tokens(tokenizer, prompts[0], labels) if prompts and next_token_logprobs else None
     if firsts is not None:
         rows = next_token_logprobs(prompts)

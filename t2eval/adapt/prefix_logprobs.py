@@ -58,17 +58,23 @@ def _with_prefix(model, cache, plen: int, suffixes: list[list[int]], pad_id: int
 
 @torch.no_grad()
 def next_token_logprobs(model, tokenizer, prompts: Sequence[str], batch_size: int = 8, device="cpu",
-                        min_prefix: int = 16) -> list[torch.Tensor]:
+                        min_prefix: int = 16, bos: str | None = None) -> list[torch.Tensor]:
     """log p(next token | prompt) for each prompt (a vocabulary-sized row each), in order.
 
     When the prompts share at least `min_prefix` leading tokens, that prefix is encoded once and its
     cache reused (each prompt keeps at least one token of its own, whose logits are the answer);
     otherwise a plain left-padded batched forward is used. Micro-batches are formed over prompts
-    sorted by length to limit padding.
+    sorted by length to limit padding. `bos` (double | single): the protocol's BOS rule
+    (`t2eval.tokens.prompt_ids`); None: the prompt's own tokens, no BOS added.
     """
     if not prompts:
         return []
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if bos is None:
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    else:
+        from ..tokens import prompt_ids
+
+        ids = [prompt_ids(tokenizer, p, bos) for p in prompts]
     if any(len(s) == 0 for s in ids):
         raise ValueError("next_token_logprobs: an empty prompt has no next-token distribution")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

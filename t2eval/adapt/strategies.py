@@ -357,8 +357,9 @@ class LoRAAdapter(Strategy):
 
 @register_strategy("prompt")
 class Prompt(Strategy):
-    """Two passes: the base model classifies each question (generate or logprob), then each
-    document is answered with its category's expert ("other" → base weights)."""
+    """Two passes: the base model classifies each question (generate or logprob; rendered as the
+    protocol's `dispatch_template` says), then each document is answered with its category's expert
+    ("other": the protocol's `dispatch_other`, the release's last expert loaded or the base weights)."""
 
     title = "Prompt"
     two_pass = True
@@ -369,11 +370,13 @@ class Prompt(Strategy):
     def choose(self, lm, questions, true_task):
         from . import dispatch as dsp
 
+        # the rendering of this task's first pass (protocol knob dispatch_template), set by the t2 model
+        render = getattr(lm, "t2_first_pass_render", None)
         if self.cfg.dispatch == "logprob":
             return dsp.dispatch_logprob(questions, lm.tokenizer, lm._t2_score,
-                                        getattr(lm, "_t2_next_token_logprobs", None))
+                                        getattr(lm, "_t2_next_token_logprobs", None), render=render)
         return dsp.dispatch_generate(questions, lm.tokenizer, lm._t2_generate,
-                                     max_new_tokens=self.cfg.cls_max_new_tokens)
+                                     max_new_tokens=self.cfg.cls_max_new_tokens, render=render)
 
     def vllm_kwargs(self, kw):
         super().vllm_kwargs(kw)

@@ -16,7 +16,7 @@ KINDS = ("hf", "vllm")
 
 def make_backend(kind: str, model_dir: str | Path | None = None, *, svd=None, dtype: str = "float32",
                  device: str = "cpu", batch_size: int = 16, seed: int = 0, model=None, tokenizer=None,
-                 **engine_kwargs):
+                 bos: str | None = None, **engine_kwargs):
     """A `base.Backend` of `kind`:
 
     * ``"hf"``: `hf.HFBackend` on `model_dir`, or on an already loaded `model` + `tokenizer` (the
@@ -25,6 +25,9 @@ def make_backend(kind: str, model_dir: str | Path | None = None, *, svd=None, dt
       `engine_kwargs` go to it, e.g. max_model_len, kv_cache_gib, swap_mode). `model`/`tokenizer`
       are not used: the engine loads its own copy (SVF swaps keep it in step), so a trainer can
       make the same call for either kind.
+
+    `bos` (double | single): how prompts get their BOS token (`t2eval.tokens.prompt_ids`); None: the
+    protocol's `bos` knob (the process default protocol, `protocol.use`).
     """
     if kind == "hf":
         from .hf import HFBackend
@@ -32,11 +35,11 @@ def make_backend(kind: str, model_dir: str | Path | None = None, *, svd=None, dt
         if engine_kwargs:
             raise T2EvalError(f"backend hf takes no engine arguments ({', '.join(engine_kwargs)})")
         return HFBackend(model_dir, dtype=dtype, device=device, svd=svd, model=model, tokenizer=tokenizer,
-                         batch_size=batch_size)
+                         batch_size=batch_size, bos=bos)
     if kind == "vllm":
         from .vllm import VLLMBackend
 
         if model_dir is None:
             raise T2EvalError("backend vllm starts its own engine: give the model directory")
-        return VLLMBackend(model_dir, dtype=dtype, svd=svd, seed=seed, **engine_kwargs)
+        return VLLMBackend(model_dir, dtype=dtype, svd=svd, seed=seed, bos=bos, **engine_kwargs)
     raise T2EvalError(f"unknown backend {kind!r}: use one of {', '.join(KINDS)}")

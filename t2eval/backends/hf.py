@@ -174,11 +174,14 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_dir: str | Path | None = None, dtype: str = "float32", device: str = "cpu",
-                 svd=None, *, model=None, tokenizer=None, batch_size: int = 16):
+                 svd=None, *, model=None, tokenizer=None, batch_size: int = 16, bos: str | None = None):
         """Load `model_dir` (or wrap an already loaded `model` + `tokenizer`).
 
         `svd`: an SVD cache (path or loaded object, see t2eval.svd) for `set_scales`.
+        `bos`: the BOS rule of prompts (double | single, `t2eval.tokens`; None: the protocol's knob).
         """
+        from ..tokens import bos_mode
+
         from transformers import AutoTokenizer
 
         from ..models.loading import load_model
@@ -193,6 +196,7 @@ class HFBackend:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.bos = bos or bos_mode()
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
@@ -206,9 +210,14 @@ class HFBackend:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
 
     # -- tokenisation ---------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a fully rendered text (the chat template already holds any special tokens)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode(self, text: str, prompt: bool = True) -> list[int]:
+        """Token ids of a fully rendered prompt, BOS by the protocol's rule (`t2eval.tokens.prompt_ids`);
+        prompt=False: a continuation (no special tokens)."""
+        if not prompt:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        from ..tokens import prompt_ids
+
+        return prompt_ids(self.tokenizer, text, self.bos)
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] | None = None,
@@ -259,7 +268,7 @@ class HFBackend:
             for start in range(0, len(requests), self.batch_size):
                 chunk = requests[start:start + self.batch_size]
                 ctx = [self.encode(c) for c, _ in chunk]
-                cont = [self.encode(x) for _, x in chunk]
+                cont = [self.encode(x, prompt=False) for _, x in chunk]
                 logits, targets, cmask = completion_logits(self.model, ctx, cont, self.tokenizer.pad_token_id,
                                                            self.device)
                 if logits.shape[1] == 0:

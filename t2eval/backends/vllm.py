@@ -17,8 +17,9 @@ how), two ways:
 ``swap_scales(llm, scales, svd_path)`` does the same on any ``vllm.LLM`` (e.g. lm-eval's
 ``VLLM.model``) and ``lora_request(path)`` makes the LoRARequest for a peft adapter directory.
 
-Prompts are tokenised here with ``add_special_tokens=False`` and passed as token ids: the chat
-template already put the BOS/role tokens in, so nothing is added twice. vLLM's prefix cache is
+Prompts are tokenised here by the protocol's BOS rule (``bos``: `t2eval.tokens.prompt_ids`; release:
+the tokenizer's default, a second BOS on chat prompts that start with one; corrected: one BOS) and
+passed as token ids. vLLM's prefix cache is
 reset after every swap (cached KV blocks were computed with the old weights).
 """
 
@@ -320,9 +321,12 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", svd=None,
                  max_model_len: int = 4096, kv_cache_gib: float | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.85, swap_mode: str = "worker", seed: int = 0, enforce_eager: bool | None = None, **llm_kwargs):
+                 gpu_memory_utilization: float = 0.85, swap_mode: str = "worker", seed: int = 0, enforce_eager: bool | None = None,
+                 bos: str | None = None, **llm_kwargs):
         from ..models.loading import resolve_model_dir
+        from ..tokens import bos_mode
 
+        self.bos = bos or bos_mode()
         if swap_mode not in MODES:
             raise T2EvalError(f"unknown swap mode {swap_mode!r}: use one of {MODES}")
         self.model_dir = resolve_model_dir(str(model_dir))
@@ -362,8 +366,13 @@ class VLLMBackend:
         self.last_swap_s = 0.0
 
     # ---- generation
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _encode(self, text: str, prompt: bool = True) -> list[int]:
+        """A prompt's ids by the protocol's BOS rule (`t2eval.tokens.prompt_ids`); prompt=False: no special tokens."""
+        if not prompt:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        from ..tokens import prompt_ids
+
+        return prompt_ids(self.tokenizer, text, self.bos)
 
     def _check_len(self, ids: list[int], extra: int, what: str) -> None:
         if len(ids) + extra > self.max_model_len:
@@ -393,7 +402,7 @@ class VLLMBackend:
         ctx = self._encode(context)
         if not ctx:  # empty context: condition on EOS like lm-eval does
             eos = self.tokenizer.eos_token_id
-            return [eos], self._encode(continuation)
+            return [eos], self._encode(continuation, prompt=False)
         return whole[:len(ctx)], whole[len(ctx):]
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:

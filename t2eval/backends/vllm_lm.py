@@ -11,6 +11,7 @@ kwargs a strategy needs (worker extension, max_logprobs=-1, LoRA) come from its
 from __future__ import annotations
 
 from ..errors import T2EvalError
+from ..tokens import prompt_ids
 from ..lm import TwoPassMixin, resolve_pretrained, split_t2_kwargs
 from . import vllm as vb
 
@@ -35,6 +36,16 @@ class T2VLLM(TwoPassMixin, VLLM):
         self.t2_swapper = vb.VLLMScaleSwapper(self.model, lambda: self.t2.svd, self.t2_pretrained_dir, "worker")
         self._t2_setup(cfg)
 
+    def tok_encode(self, string, add_special_tokens=None, **kwargs):
+        """lm-eval's VLLM tokenises every request here (generation and loglikelihood): the
+        protocol's BOS rule (`t2eval.tokens.prompt_ids`) instead of lm-eval's "no BOS where the
+        text starts with one"."""
+        if add_special_tokens is not None or not hasattr(self, "t2") or not string:
+            return super().tok_encode(string, add_special_tokens, **kwargs)
+        if isinstance(string, str):
+            return prompt_ids(self.tokenizer, string, self.t2_bos)
+        return [prompt_ids(self.tokenizer, s, self.t2_bos) for s in string]
+
     def _t2_next_token_logprobs(self, prompts: list[str]):
         """Log-probabilities of the token after each prompt (dispatch=logprob's one-pass
         path): one greedy step per prompt returning the full vocabulary's logprobs, instead of
@@ -47,7 +58,7 @@ class T2VLLM(TwoPassMixin, VLLM):
         if mc.max_logprobs != -1 and mc.max_logprobs < vocab:
             raise T2EvalError(f"this vLLM engine returns at most {mc.max_logprobs} logprobs per token; "
                               "dispatch=logprob needs the full row: start it with max_logprobs=-1")
-        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = [prompt_ids(self.tokenizer, p, self.t2_bos) for p in prompts]
         sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True, detokenize=False)
         outs = self.model.generate([TokensPrompt(prompt_token_ids=x) for x in ids], sp, use_tqdm=False,
                                    lora_request=self.lora_request)
