@@ -314,15 +314,23 @@ def _dir_sha256(d: str | Path) -> str:
 def search_identity(*, experts: Mapping[str, str | Path], model_dir: str | Path, svd: Any, task: str,
                     shots: Sequence[Mapping], reported: Sequence[Mapping] | None = None, **extra) -> dict:
     """What a saved CEM state is valid for: content hashes (sha256) of the expert files (in α order,
-    with their names), the model directory (every file), the SVD cache file, the task name, the shots
+    with their names), the model directory (every file), the SVD cache, the task name, the shots
     and the reported set (the docs as JSON), plus any `extra` (e.g. protocol knobs that change a
-    member's score: mix space, precision, prompt options)."""
+    member's score: mix space, precision, prompt options).
+
+    `svd`: a cache path (the file is hashed) or a loaded :class:`t2eval.svd.SVDCache`, whose manifest
+    factor checksums are hashed instead — `load_svd` verified them against the bytes, so they identify
+    the content without reading the (up to tens of GB) file a second time."""
     from ..provenance import sha256_file, sha256_json
     from .experts import expert_file
 
-    svd_path = getattr(svd, "path", svd)
+    manifest = getattr(svd, "manifest", None)
+    if isinstance(manifest, Mapping):  # the factors' checksums only (not timings, paths or provenance)
+        svd_sha = sha256_json([[n, manifest["matrices"][n]["sha256"]] for n in manifest["names"]])
+    else:
+        svd_sha = sha256_file(svd)
     return {"experts": [[str(name), sha256_file(expert_file(p))] for name, p in experts.items()],
-            "model_sha256": _dir_sha256(model_dir), "svd_sha256": sha256_file(svd_path), "task": str(task),
+            "model_sha256": _dir_sha256(model_dir), "svd_sha256": svd_sha, "task": str(task),
             "shots_sha256": sha256_json(list(shots)),
             "reported_sha256": None if reported is None else sha256_json(list(reported)),
             **{k: _canon(v) for k, v in extra.items()}}
