@@ -240,3 +240,21 @@ def test_bank_mixes_as_the_search_did(setup):
         ExpertBank(svd).mix_fitted(fitted, {"math": experts["math"]})
     with pytest.raises(T2EvalError, match="precision"):
         ExpertBank(svd, precision="fp8")
+
+
+def test_fit_fewshot_options_stay_light_and_in_step_with_svf():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from t2eval import svf
+    from t2eval.adapt.fewshot_cli import SVF_PRECISIONS, FitFewshotConfig
+
+    assert SVF_PRECISIONS == svf.PRECISIONS
+    f = {x.name: x for x in dataclasses.fields(FitFewshotConfig)}
+    assert f["svf_precision"].metadata["choices"] == svf.PRECISIONS and f["svf_precision"].default == "fp32"
+    assert f["protocol"].metadata["choices"] == ("release", "corrected") and f["protocol"].default is None
+    # the workflow renders this stage's options at DAG-parse time: no torch import for that
+    code = "import sys, t2eval.adapt.fewshot_cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

@@ -37,9 +37,10 @@ from ..constants import UNSEEN_TASKS
 from ..errors import T2EvalError
 from ..protocol import PROTOCOLS
 from ..stage_config import add_arguments as _add_arguments, from_args, opt
-from ..svf import PRECISIONS
 
 log = logging.getLogger(__name__)
+
+SVF_PRECISIONS = ("fp32", "bf16")  # = t2eval.svf.PRECISIONS (a test checks it), not imported here: torch
 
 
 @dataclass
@@ -63,7 +64,7 @@ class FitFewshotConfig:
     normalise: bool = opt(False, help="α normalised to sum to 1 when mixing")
     seed: int = opt(0, help="CEM seed")
     svf_precision: str = opt("fp32", help="SVF arithmetic of the mixture (bf16: the release's bf16 z, factors "
-                             "and W′ composition)", choices=PRECISIONS)
+                             "and W′ composition)", choices=SVF_PRECISIONS)
     reported_limit: int | None = opt(None, help="score only the first N documents of the reported set "
                                      "(fewshot_test) when the protocol selects α on it: give the evaluation's "
                                      "limit, so the set is the one the t2-fewshot cell reports")
