@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from t2eval.adapt.cem import FORCED_LABEL
 from t2eval.errors import T2EvalError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -119,10 +120,11 @@ def test_protocol_from_the_environment_and_the_cli(setup, data_mirror, monkeypat
     assert json.loads((root / "env" / "alpha.json").read_text())["select"] == "final_incumbent"
     assert main([*argv, "--out", str(root / "flag"), "--protocol", "release"]) == 0
     flag = json.loads((root / "flag" / "alpha.json").read_text())
-    assert flag["select"] == "reported_set" and flag["alpha_selection"] == RELEASE_LABEL
-    # one check (iterations <= 10) forces the choice: the reported set is not needed, not scored
+    # one check (iterations <= 10) forces the choice: the reported set is not needed, not scored, and
+    # the label does not claim a selection on it
+    assert flag["select"] == "reported_set" and flag["alpha_selection"] == FORCED_LABEL
     assert flag["selected_iteration"] == 1 and flag["reported_score"] is None and flag["n_reported"] is None
-    assert RELEASE_LABEL in capsys.readouterr().out
+    assert FORCED_LABEL in capsys.readouterr().out
     monkeypatch.delenv("T2EVAL_PROTOCOL")
     assert main([*argv, "--out", str(root / "bad"), "--reported-limit", "0"]) == 2
     assert "--reported-limit" in capsys.readouterr().err

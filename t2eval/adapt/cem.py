@@ -20,7 +20,8 @@ index wins — and refits mean/std to the elites. Options (release default first
   ``score_reported(α)`` on the *reported* set and the α with the highest such score so far is kept
   (first one on ties; the release never revisits iterations after the last check) — labelled
   "α selected on the reported set". When the run has a single check (iterations ≤ every) the
-  choice is forced (the incumbent after iteration 1) and `score_reported` may be omitted.
+  choice is forced (the incumbent after iteration 1), `score_reported` may be omitted, and the
+  label says the α was chosen on the shots only (`FORCED_LABEL`): the reported set could not matter.
   ``final_incumbent`` — the final incumbent, chosen on the shots only.
 
 Deterministic from `seed` and resumable: the state (mean, std, incumbent, selection, RNG state,
@@ -58,6 +59,9 @@ ELITE_ROUNDING = ("floor", "round")
 SELECT_RULES = ("reported_set", "final_incumbent")
 SELECTION_LABELS = {"reported_set": "α selected on the reported set",
                     "final_incumbent": "α selected on the shots only (final incumbent)"}
+# select="reported_set" with a single check (iterations <= select_every): the reported set cannot
+# change the choice, which is the incumbent after iteration 1 — chosen on the shots only
+FORCED_LABEL = "α selected on the shots only (one reported-set check: the incumbent after iteration 1)"
 
 
 def selection_label(select: str) -> str:
@@ -272,8 +276,9 @@ def run_cem(evaluate: Evaluate, shape: Sequence[int], config: CEMConfig, state_p
 
 
 def _result(state: CEMState, config: CEMConfig, restarted: str | None) -> tuple[np.ndarray, dict]:
+    label = FORCED_LABEL if config.select == "reported_set" and config.n_checks <= 1 else selection_label(config.select)
     summary = {"iterations_done": state.iteration, "complete": state.iteration >= config.iterations,
-               "alpha_selection": selection_label(config.select), "select": config.select,
+               "alpha_selection": label, "select": config.select,
                "final_incumbent_score": state.best_score, "final_incumbent_tiebreak": state.best_tie,
                "restarted": restarted}
     if config.select == "reported_set" and state.selected_alpha is not None:
