@@ -13,8 +13,9 @@ Few-shot mixtures (PROTOCOL §6.3, §8), option ``mix_space`` of :func:`mix_scal
 
 * ``raw_z`` (default, the released code): m = Σ_k α_k z_k, the *raw* z vectors, used directly as the
   multiplier (no sigmoid), then the σ-mass rescale: s = m · Σσ / Σ(σ ⊙ m).
-* ``mask`` (the corrected alternative): m = Σ_k α_k sigmoid(z_k), then the same rescale, so a
-  one-hot α gives exactly that expert's scales.
+* ``mask`` (an alternative, what an earlier PROTOCOL.md described): m = Σ_k α_k sigmoid(z_k), then
+  the same rescale, so a one-hot α gives exactly that expert's scales. Both named protocols mix
+  ``raw_z`` (protocol knob ``fewshot_mix``); ``mask`` is there as an override.
 
 For ``paper`` experts both are z′ = Σ_k α_k z_k (there is no sigmoid and no rescale).
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "t2eval-svf-expert/1"
 PARAMS = ("code", "paper")
-MIX_SPACES = ("raw_z", "mask")       # few-shot mixing: release (raw z) | corrected (post-sigmoid masks)
+MIX_SPACES = ("raw_z", "mask")       # few-shot mixing: raw z (the release, both protocols) | post-sigmoid masks
 PRECISIONS = ("fp32", "bf16")        # W′ composition: fp32 | release (bf16 factors, bf16 ops)
 
 
@@ -63,14 +64,14 @@ def _check_param(param: str) -> str:
     return param
 
 
-def _check_mix_space(mix_space: str) -> str:
+def check_mix_space(mix_space: str) -> str:
     if mix_space not in MIX_SPACES:
         raise T2EvalError(f"mix_space={mix_space!r}: use 'raw_z' (the release: Σ α_k z_k as the multiplier) "
-                          "or 'mask' (Σ α_k sigmoid(z_k), the corrected mixture)")
+                          "or 'mask' (Σ α_k sigmoid(z_k), post-sigmoid masks)")
     return mix_space
 
 
-def _check_precision(precision: str) -> str:
+def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise T2EvalError(f"svf precision {precision!r}: use 'fp32' or 'bf16' (the release: bf16 z and factors)")
     return precision
@@ -227,7 +228,7 @@ def _code_rescale(m: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 
 def scale_vector(z: torch.Tensor, S: torch.Tensor, param: str = "code", precision: str = "fp32") -> torch.Tensor:
     """s for one matrix (differentiable in z); computed in bf16 for precision="bf16"."""
-    z = z.to(_cdtype(z, _check_precision(precision)))
+    z = z.to(_cdtype(z, check_precision(precision)))
     if param == "paper":
         return z
     if param == "code":
@@ -277,8 +278,8 @@ def mix_vector(vecs: Sequence[torch.Tensor], alpha: Sequence[float], S: torch.Te
     (s = 1 if Σ(σ ⊙ m) = 0, i.e. α = 0). paper: s = Σ_k α_k z_k. The sum runs k = 0, 1, … in that
     order; for precision="bf16" the z are bf16 and each product and partial sum is rounded to bf16
     (α itself enters as fp32, as the release's fp32 α times its bf16 z)."""
-    _check_mix_space(mix_space)
-    _check_precision(precision)
+    check_mix_space(mix_space)
+    check_precision(precision)
     parts = [v.to(_cdtype(v, precision)) for v in vecs]
     if param == "code" and mix_space == "mask":
         parts = [torch.sigmoid(v) for v in parts]
@@ -298,7 +299,7 @@ def mix_scales(experts: Sequence[ZLike], alpha, svd: SVDCache, param: str | None
     """Scales of the mixture Σ_k α_k · expert_k (PROTOCOL §6.3, §8 few-shot); see :func:`mix_vector`.
 
     `mix_space`: ``raw_z`` (default, the release: raw z used directly as the multiplier, then the
-    σ-mass rescale) or ``mask`` (corrected: post-sigmoid masks). `alpha`: shape (K,) for
+    σ-mass rescale) or ``mask`` (post-sigmoid masks). `alpha`: shape (K,) for
     per="vector", (K, n_matrices) for per="matrix" (one α per expert and matrix, the release's
     per-layer α) with the matrices in canonical order (:func:`t2eval.svd.ordered_names` of the
     experts' names). `normalise` divides each column by its sum (all-zero columns stay zero; the
@@ -306,8 +307,8 @@ def mix_scales(experts: Sequence[ZLike], alpha, svd: SVDCache, param: str | None
     """
     if not experts:
         raise T2EvalError("mix_scales needs at least one expert")
-    _check_mix_space(mix_space)
-    _check_precision(precision)
+    check_mix_space(mix_space)
+    check_precision(precision)
     params = {_param_of(e, param) for e in experts}
     if len(params) != 1:
         raise T2EvalError(f"cannot mix experts trained with different parameterisations {sorted(params)}")
@@ -354,7 +355,7 @@ def compose(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, s: torch.Tensor |
     W′ = A Vᵀ (bf16 matmul), W′ · post_scale. `post_scale` (a scalar) is how the release applies the
     σ-mass factor, after the product; with post_scale=None the factor is expected inside `s`.
     """
-    ct = _cdtype(U, _check_precision(precision))
+    ct = _cdtype(U, check_precision(precision))
     sig = S.to(ct)
     if s is not None:
         sig = sig * s.to(device=S.device, dtype=ct)
@@ -370,7 +371,7 @@ def compose_z(z: torch.Tensor, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor
     release's order — m = sigmoid(z) in bf16, W′ = (U diag(σ ⊙ m) Vᵀ) · (Σσ / Σ(σ ⊙ m)) ('code'),
     W′ = U diag(σ ⊙ z) Vᵀ ('paper'), every op in bf16."""
     _check_param(param)
-    if _check_precision(precision) == "fp32":
+    if check_precision(precision) == "fp32":
         return compose(U, S, V, scale_vector(z, S, param), dtype)
     zb = z.to(torch.bfloat16)
     if param == "paper":
@@ -403,7 +404,7 @@ class SVFPatcher:
     def __init__(self, model: torch.nn.Module, svd: SVDCache, backup_device: str | torch.device | None = None,
                  precision: str = "fp32"):
         self.model, self.svd, self.backup_device = model, svd, backup_device
-        self.precision = _check_precision(precision)
+        self.precision = check_precision(precision)
         self._params = dict(model.named_parameters())
         self._orig: dict[str, torch.Tensor] = {}
         self._patched: set[str] = set()
@@ -488,7 +489,7 @@ class SVFModule(torch.nn.Module):
         super().__init__()
         self.__dict__["model"] = model  # not a submodule: its parameters are not ours to train
         self.svd = svd
-        self.precision = _check_precision(precision)
+        self.precision = check_precision(precision)
         self.param = _param_of(z_init, param) if isinstance(z_init, ExpertVector) else _check_param(param)
         z = check_compatible(z_init, svd, allow_cross_model)
         self.names = ordered_names(z)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from t2eval.adapt.cem import CEMConfig, run_cem, search_identity
+from t2eval.adapt.cem import FORCED_LABEL, CEMConfig, run_cem, search_identity
 from t2eval.errors import T2EvalError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -180,8 +180,9 @@ def test_release_defaults():
     rows = []
     a, s = run_cem(_smooth([0.5]), (1,), CEMConfig(iterations=3, population=4), on_iteration=rows.append)
     np.testing.assert_array_equal(a, rows[0]["best_alpha"])
-    assert s["selected_iteration"] == 1 and s["reported_score"] is None
-    assert s["alpha_selection"] == "α selected on the reported set"
+    assert s["selected_iteration"] == 1 and s["reported_score"] is None and s["select"] == "reported_set"
+    # ... which the reported set could not influence: the label says so (tables mark only real selections)
+    assert s["alpha_selection"] == FORCED_LABEL and "shots only" in FORCED_LABEL
     for bad in (dict(incumbent="x"), dict(select="valid"), dict(std_ddof=2), dict(elite_rounding="ceil")):
         with pytest.raises(T2EvalError):
             CEMConfig(**bad).check()

@@ -20,7 +20,8 @@ index wins — and refits mean/std to the elites. Options (release default first
   ``score_reported(α)`` on the *reported* set and the α with the highest such score so far is kept
   (first one on ties; the release never revisits iterations after the last check) — labelled
   "α selected on the reported set". When the run has a single check (iterations ≤ every) the
-  choice is forced (the incumbent after iteration 1) and `score_reported` may be omitted.
+  choice is forced (the incumbent after iteration 1), `score_reported` may be omitted, and the
+  label says the α was chosen on the shots only (`FORCED_LABEL`): the reported set could not matter.
   ``final_incumbent`` — the final incumbent, chosen on the shots only.
 
 Deterministic from `seed` and resumable: the state (mean, std, incumbent, selection, RNG state,
@@ -58,6 +59,9 @@ ELITE_ROUNDING = ("floor", "round")
 SELECT_RULES = ("reported_set", "final_incumbent")
 SELECTION_LABELS = {"reported_set": "α selected on the reported set",
                     "final_incumbent": "α selected on the shots only (final incumbent)"}
+# select="reported_set" with a single check (iterations <= select_every): the reported set cannot
+# change the choice, which is the incumbent after iteration 1 — chosen on the shots only
+FORCED_LABEL = "α selected on the shots only (one reported-set check: the incumbent after iteration 1)"
 
 
 def selection_label(select: str) -> str:
@@ -272,8 +276,9 @@ def run_cem(evaluate: Evaluate, shape: Sequence[int], config: CEMConfig, state_p
 
 
 def _result(state: CEMState, config: CEMConfig, restarted: str | None) -> tuple[np.ndarray, dict]:
+    label = FORCED_LABEL if config.select == "reported_set" and config.n_checks <= 1 else selection_label(config.select)
     summary = {"iterations_done": state.iteration, "complete": state.iteration >= config.iterations,
-               "alpha_selection": selection_label(config.select), "select": config.select,
+               "alpha_selection": label, "select": config.select,
                "final_incumbent_score": state.best_score, "final_incumbent_tiebreak": state.best_tie,
                "restarted": restarted}
     if config.select == "reported_set" and state.selected_alpha is not None:
@@ -314,15 +319,23 @@ def _dir_sha256(d: str | Path) -> str:
 def search_identity(*, experts: Mapping[str, str | Path], model_dir: str | Path, svd: Any, task: str,
                     shots: Sequence[Mapping], reported: Sequence[Mapping] | None = None, **extra) -> dict:
     """What a saved CEM state is valid for: content hashes (sha256) of the expert files (in α order,
-    with their names), the model directory (every file), the SVD cache file, the task name, the shots
+    with their names), the model directory (every file), the SVD cache, the task name, the shots
     and the reported set (the docs as JSON), plus any `extra` (e.g. protocol knobs that change a
-    member's score: mix space, precision, prompt options)."""
+    member's score: mix space, precision, prompt options).
+
+    `svd`: a cache path (the file is hashed) or a loaded :class:`t2eval.svd.SVDCache`, whose manifest
+    factor checksums are hashed instead — `load_svd` verified them against the bytes, so they identify
+    the content without reading the (up to tens of GB) file a second time."""
     from ..provenance import sha256_file, sha256_json
     from .experts import expert_file
 
-    svd_path = getattr(svd, "path", svd)
+    manifest = getattr(svd, "manifest", None)
+    if isinstance(manifest, Mapping):  # the factors' checksums only (not timings, paths or provenance)
+        svd_sha = sha256_json([[n, manifest["matrices"][n]["sha256"]] for n in manifest["names"]])
+    else:
+        svd_sha = sha256_file(svd)
     return {"experts": [[str(name), sha256_file(expert_file(p))] for name, p in experts.items()],
-            "model_sha256": _dir_sha256(model_dir), "svd_sha256": sha256_file(svd_path), "task": str(task),
+            "model_sha256": _dir_sha256(model_dir), "svd_sha256": svd_sha, "task": str(task),
             "shots_sha256": sha256_json(list(shots)),
             "reported_sha256": None if reported is None else sha256_json(list(reported)),
             **{k: _canon(v) for k, v in extra.items()}}
