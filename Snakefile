@@ -10,7 +10,12 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-configfile: "workflow/config/default.yaml"
+# the embedded default only when no --configfile is given: Snakemake would otherwise merge paper.yaml over it, and
+# the paper DAG would inherit the laptop budgets (several --configfile files still merge with each other, e.g.
+# paper.yaml + paper-kl-sweep.yaml)
+if not workflow.overwrite_configfiles:
+
+    configfile: "workflow/config/default.yaml"
 
 
 include: "workflow/rules/common.smk"
