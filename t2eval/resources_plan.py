@@ -9,8 +9,8 @@ baselines below):
 - SVD cache: sum over the target matrices (m x n, r = min(m, n)) of (m*r + r + r*n) * 4 bytes (fp32 file);
 - an expert: one fp32 value per singular value (sum of r over the targets);
 - KV cache: 2 * layers * kv_heads * head_dim * (prompt + new tokens) * batch * dtype bytes;
-- logits: batch * sequence * vocab * 4 bytes (lm-eval's loglikelihood and the policy-gradient loss score
-  every position in fp32);
+- logits: generation keeps the last position's (batch * vocab * 4 bytes, and its softmax); the
+  policy-gradient loss scores every position in fp32 (micro_batch * sequence * vocab * 4, twice with KL);
 - training activations: micro_batch * sequence * layers * 34 * hidden * dtype bytes (the usual
   transformer-layer activation count without recomputation, Korthikanti et al. 2022);
 - runtime baseline: the measured peak RSS of the process before the model matters (Python, torch,
@@ -31,9 +31,10 @@ from .errors import T2EvalError
 MB = 1024 * 1024
 GB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# measured peak RSS (MiB) of the stage's process on a tiny model (torch 2.13 CPU, transformers 5):
-# `t2eval decompose` imports torch + safetensors; the model stages add transformers, lm-eval, datasets
-BASE_RSS_MB = {"prepare": 600, "decompose": 225, "train": 900, "fewshot": 900, "evaluate": 900}
+# peak RSS (MiB) of the stage's process on the tiny model (torch 2.13 CPU, transformers 5): measured for
+# decompose (238: torch + safetensors) and evaluate (693: + transformers, lm-eval, datasets); prepare, train
+# and fewshot (not measured) are set above evaluate's
+BASE_RSS_MB = {"prepare": 700, "decompose": 225, "train": 900, "fewshot": 900, "evaluate": 680}
 # a CUDA context and the caching allocator's slack on a GPU
 CUDA_OVERHEAD_MB = 1500
 # prompt tokens assumed per document for the paper tasks (few-shot/chat prompts of GSM8K/MATH/ARC/MBPP)
@@ -142,9 +143,10 @@ def _gen(cfg: Mapping[str, Any], section: str, default_new: int) -> tuple[int, i
     return PROMPT_TOKENS + new, batch
 
 
-def estimate(cfg: Mapping[str, Any], stage: str, model: str, *, targets: str | None = None,
+def estimate(cfg: Mapping[str, Any], stage: str, model: str, *, targets: str | None = None, method: str | None = None,
              shape: Shape | None = None, gpu_memory_gb: float = 80.0) -> Estimate:
-    """Peak memory and disk of one job of `stage` for `model` under the workflow config `cfg`."""
+    """Peak memory and disk of one job of `stage` for `model` under the workflow config `cfg`; for evaluate,
+    `method` base/lora holds no SVD (default: the heaviest, a two-pass SVF method with three experts)."""
     if stage not in STAGES:
         raise T2EvalError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
     over = cfg.get("models_overrides", {}).get(model, {})
@@ -178,13 +180,13 @@ def estimate(cfg: Mapping[str, Any], stage: str, model: str, *, targets: str | N
             disk = expert * max(1, (s.get("iterations", 1) // max(1, s.get("eval_every", 1))))
         elif stage == "fewshot":
             seq, batch = _gen(cfg, "fewshot", 512)
-            work = shape.kv_bytes(seq, batch, db) + batch * seq * shape.vocab * 4
+            work = shape.kv_bytes(seq, batch, db) + 2 * batch * shape.vocab * 4  # last-position logits + softmax
             held = weights + svd_dtype + 3 * expert
             disk = expert
         else:  # evaluate: the heaviest method (two-pass SVF with three experts) sets the request
             seq, batch = _gen(cfg, "evaluate", 512)
-            work = shape.kv_bytes(seq, batch, db) + batch * seq * shape.vocab * 4
-            held = weights + svd_dtype + 3 * expert
+            work = shape.kv_bytes(seq, batch, db) + 2 * batch * shape.vocab * 4
+            held = weights + (0 if method in ("base", "lora") else svd_dtype + 3 * expert)
             disk = 0
         if on_gpu:
             gpu = held + work + CUDA_OVERHEAD_MB * MB
