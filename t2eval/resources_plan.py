@@ -212,11 +212,13 @@ def plan(cfg: Mapping[str, Any], gpu_memory_gb: float = 80.0) -> list[Estimate]:
 
 
 def _fmt_gb(mb: float) -> str:
-    return "-" if mb == 0 else f"{mb / 1024:.1f}" if mb >= 1024 else f"{mb / 1024:.2f}"
+    if mb == 0:
+        return "-"
+    return f"{mb / 1024:.1f}" if mb >= 1024 else f"{mb / 1024:.2f}" if mb >= 10 else "<0.01"
 
 
 def table(rows: list[Estimate]) -> str:
-    lines = ["| model | stage | GPUs | GPU mem (GB) | host mem (GB) | disk (GB) |", "|---|---|---|---|---|---|"]
+    lines = ["| model | stage | GPUs | GPU mem (GiB) | host mem (GiB) | disk (GiB) |", "|---|---|---|---|---|---|"]
     lines += [f"| {e.model} | {e.stage} | {e.gpus} | {_fmt_gb(e.gpu_mb)} | {_fmt_gb(e.host_mb)} | {_fmt_gb(e.disk_mb)} |"
               for e in rows]
     return "\n".join(lines)
