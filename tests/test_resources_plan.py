@@ -3,10 +3,8 @@ the host-memory estimates against the measured peak RSS of real decompose/evalua
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
