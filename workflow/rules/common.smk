@@ -5,6 +5,7 @@ import re
 from snakemake.utils import validate
 
 from t2eval import plan as P
+from t2eval import resources_plan as _RP
 from t2eval.errors import T2EvalError
 from t2eval.workflow_config import SCHEMA, load as _load_config
 
@@ -41,6 +42,14 @@ wildcard_constraints:
 
 
 def res(stage, key, default=None):
+    """The config's resources.<stage>.<key>. mem_mb the config does not set (the schema's default does not
+    count) is the `t2eval plan --resources` estimate for the job's model (t2eval.resources_plan.mem_mb)."""
+    if key == "mem_mb" and "mem_mb" not in (config.get("resources") or {}).get(stage, {}):
+
+        def mem_mb(wildcards):
+            return _RP.mem_mb(CFG, stage, wildcards.get("model"), wildcards.get("targets"))
+
+        return mem_mb
     return CFG["resources"].get(stage, {}).get(key, default)
 
 
