@@ -63,3 +63,75 @@ def test_smollm2_llava_language_model_is_smollm2(smollm2_dir, tmp_path):
     with torch.no_grad():
         out = vlm(**vlm_inputs(d)).logits
     assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- SVD scope on a VLM
+
+def test_svd_names_and_scope_on_llava(tiny_vlm, tiny_model):
+    from t2eval import svd as S
+
+    mlp = S.target_names(tiny_vlm, "mlp")
+    assert mlp == [f"model.language_model.layers.{i}.mlp.{k}_proj.weight" for i in (0, 1) for k in ("down", "gate", "up")]
+    # CLIP's encoder has q_proj/v_proj too: the default scope keeps only the language model's
+    attn = S.target_names(tiny_vlm, "attn")
+    assert attn and all(n.startswith("model.language_model.layers.") for n in attn)
+    wide = S.target_names(tiny_vlm, "attn", scope="all")
+    assert any(n.startswith("model.vision_tower.") for n in wide) and set(attn) < set(wide)
+    assert S.target_names(tiny_vlm, "mlp", "half") == mlp[3:]  # 2 text layers (text config), upper half
+    lay = S.model_layout(tiny_vlm)
+    assert lay["language_prefix"] == "model.language_model" and lay["num_layers"] == 2
+    assert lay["module_to_checkpoint"][mlp[0]] == "language_model.model.layers.0.mlp.down_proj.weight"
+    # in memory the same names come from the loaded model
+    assert S.target_names(load_model(str(tiny_vlm)), "attn") == attn
+    # text-only models: transformers' mapping is the identity, so the fast path changes no name
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    with torch.device("meta"):
+        llama = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model))
+    conv = get_model_conversion_mapping(llama)
+    ren = [c for c in conv if isinstance(c, WeightRenaming)]
+    cvt = [c for c in conv if isinstance(c, WeightConverter)]
+    ident = S.model_layout(tiny_model)["module_to_checkpoint"]
+    assert all(rename_source_key(k, ren, cvt)[0] == k for k in ident) and all(k == v for k, v in ident.items())
+
+
+def test_svd_decompose_vlm_and_constant_z_keeps_logits_with_image(tiny_vlm, tmp_path):
+    from t2eval import svd as S
+    from t2eval import svf
+
+    out = tmp_path / "vlm-mlp.safetensors"
+    man = S.decompose(tiny_vlm, "mlp", out)
+    assert man["names"] == S.target_names(tiny_vlm, "mlp") and man["num_layers"] == 2
+    assert man["scope"] == "language" and man["scope_prefix"] == "model.language_model"
+    assert man["checkpoint_names"]["model.language_model.layers.1.mlp.up_proj.weight"] == \
+        "language_model.model.layers.1.mlp.up_proj.weight"
+    assert not any("vision" in n or "projector" in n for n in man["names"])
+    cache = S.load_svd(out, expect_model=tiny_vlm, expect_targets="mlp", expect_scope="language")
+    with pytest.raises(S.StaleCacheError, match="scope"):
+        S.load_svd(out, expect_scope="all")
+    assert S.ensure_svd(tiny_vlm, "mlp", out).names == man["names"]  # reused, not rebuilt
+
+    model = load_model(str(tiny_vlm))
+    inp = vlm_inputs(tiny_vlm)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        base = model(**inp).logits
+    patcher = svf.SVFPatcher(model, cache)
+    const = {n: torch.full((cache.rank(n),), 0.3) for n in cache.names}  # code param: constant z -> W' = W
+    patcher.apply(svf.scales(const, cache, param="code"))
+    with torch.no_grad():
+        same = model(**inp).logits
+    assert (same - base).abs().max().item() <= 1e-5
+    g = torch.Generator().manual_seed(0)
+    patcher.apply(svf.scales({n: torch.randn(cache.rank(n), generator=g) for n in cache.names}, cache, param="code"))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(cache.names)  # vision tower, projector, embeddings untouched
+    with torch.no_grad():
+        assert not torch.allclose(model(**inp).logits, base, atol=1e-5)
+    patcher.restore()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # bit-exact restore
+    with torch.no_grad():
+        assert torch.equal(model(**inp).logits, base)
