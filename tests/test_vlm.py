@@ -135,3 +135,23 @@ def test_svd_decompose_vlm_and_constant_z_keeps_logits_with_image(tiny_vlm, tmp_
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # bit-exact restore
     with torch.no_grad():
         assert torch.equal(model(**inp).logits, base)
+
+
+def test_svf_module_trains_z_through_the_vlm_with_an_image(tiny_vlm, tmp_path):
+    """The training path (svf.SVFModule) works on the VLM as is: gradients reach z with pixel values
+    in the batch, and an optimizer step changes nothing but z (vision tower and projector frozen)."""
+    from t2eval import svd as S
+    from t2eval import svf
+
+    cache = S.ensure_svd(tiny_vlm, "mlp", tmp_path / "c.safetensors")
+    model = load_model(str(tiny_vlm))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mod = svf.SVFModule(model, cache, {n: torch.full((cache.rank(n),), 0.1) for n in cache.names})
+    inp = vlm_inputs(tiny_vlm)
+    opt = torch.optim.Adam(mod.parameters(), lr=1e-2)
+    out = mod(**inp, labels=inp["input_ids"])
+    out.loss.backward()
+    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in mod.z)
+    opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # base weights untouched
+    assert any(not torch.allclose(z, torch.full_like(z, 0.1)) for z in mod.z)
