@@ -30,6 +30,7 @@ def test_tiny_llava_next_builds_deterministically_and_loads(tiny_vlm, tiny_model
     a, b, c = (load_file(d / "model.safetensors") for d in (tiny_vlm, again, other))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].ndim == 2)
+    assert (again / "provenance.json").exists() and not (tmp_path / "again.partial").exists()
     assert is_vision_language(tiny_vlm) and not is_vision_language(tiny_model)
     assert type(load_model(str(tiny_model))).__name__ == "LlamaForCausalLM"
     m = load_model(str(tiny_vlm))

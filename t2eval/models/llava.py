@@ -87,15 +87,23 @@ def _seeded_(params, gen, std: float = 0.05) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
-def _save(model, tok, proc, out: Path, meta: dict) -> Path:
+def _save(model, tok, proc, out: Path, meta: dict, data_files: dict | None = None) -> Path:
+    """Written to ``<out>.partial`` with a provenance sidecar, then renamed: never half a model at `out`."""
+    from .. import provenance
+    from .embedded import _replace_dir
+
     model.generation_config.do_sample = False
     for k in ("temperature", "top_p", "top_k"):
         if hasattr(model.generation_config, k):
             setattr(model.generation_config, k, None)
-    model.save_pretrained(out, safe_serialization=True)
-    proc.save_pretrained(out)
-    tok.save_pretrained(out)
-    (out / "t2eval_model.json").write_text(json.dumps(meta, indent=2))
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp, safe_serialization=True)
+    proc.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "t2eval_model.json").write_text(json.dumps(meta, indent=2))
+    provenance.write_sidecar(tmp, provenance.record("prepare-model", dict(meta, model=meta["key"]),
+                                                    data_files=data_files or {}))
+    _replace_dir(tmp, out)
     return out
 
 
@@ -149,7 +157,8 @@ def build_smollm2_llava(out: str | Path, seed: int = 0, dtype: str = "float32", 
             model.lm_head.weight.copy_(head)
     model = model.to(getattr(torch, dtype)).eval()
     meta = {"key": EMBEDDED_KEY, "seed": seed, "dtype": dtype, "text_model": str(src), "note": NOTE_RANDOM_VISION}
-    return _save(model, tok, _processor(tok, cfg), Path(out), meta)
+    return _save(model, tok, _processor(tok, cfg), Path(out), meta,
+                 data_files={"text_model.safetensors": src / "model.safetensors"} if (src / "model.safetensors").exists() else None)
 
 
 BUILDERS = {"tiny_llava_next": build_tiny_llava_next, "smollm2_llava": build_smollm2_llava}
