@@ -80,9 +80,9 @@ def _seeded_(params, gen, std: float = 0.05) -> None:
     import torch
 
     with torch.no_grad():
-        for _, p in sorted(params):
-            if p.ndim == 1:
-                p.fill_(1.0) if "norm" in _ or "layernorm" in _ else p.zero_()
+        for name, p in sorted(params):
+            if p.ndim == 1:  # norms 1, biases / class embedding / image newline 0
+                p.fill_(1.0 if "norm" in name else 0.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 
