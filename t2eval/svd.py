@@ -31,6 +31,18 @@ indices ``L//2 … L-1`` (PROTOCOL §1: Llama3-70B trains SVF on half of the lay
 nor the released code says which half, so this choice is ours and ``"half-lower"``, ``"even"``,
 ``"odd"`` or an explicit list/range string such as ``"0-39"`` are offered too).
 
+Scope and names (vision-language models, issue 10): targets are searched inside a *scope*,
+``"language"`` by default = the language model (for a VLM the decoder module, e.g.
+``model.language_model`` in LLaVA-NeXT; for a text-only model the whole model), so no vision-tower
+or projector matrix is ever decomposed or scaled; ``"all"`` or an explicit module prefix widen it.
+Layer counts come from the text config. Cache keys (and hence expert files) are always the
+*module names in memory* (what ``named_parameters()`` gives and what SVF patches); where a
+checkpoint stores a tensor under another name (LLaVA-NeXT: ``language_model.model.layers.0…`` on
+disk, ``model.language_model.layers.0…`` in memory) the two are mapped with transformers' own
+checkpoint conversion mapping (``get_model_conversion_mapping`` + ``rename_source_key``, on a meta
+model). For a text-only config (no ``vision_config``/``text_config``) that mapping is the identity
+(tests/test_vlm.py checks it for Llama), so nothing is instantiated and the names are unchanged.
+
 Matrix order: everywhere a list of matrices is needed (per-matrix α, init, shuffling) the
 *canonical order* of :func:`ordered_names` is used: names sorted with numbers compared as numbers
 (``layers.2`` before ``layers.10``), i.e. layer by layer, and within a layer alphabetically.
@@ -125,35 +137,122 @@ def select_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[i
     return idx
 
 
-def _names_and_num_layers(source: Any) -> tuple[list[str], int | None]:
+def _is_multimodal(cfg: Mapping) -> bool:
+    return "vision_config" in cfg or "text_config" in cfg
+
+
+def _text_num_layers(cfg: Mapping) -> int | None:
+    return (cfg.get("text_config") or {}).get("num_hidden_layers") if _is_multimodal(cfg) else cfg.get("num_hidden_layers")
+
+
+def _decoder_prefix(model) -> str:
+    """Module path of a VLM's language model (its decoder), e.g. ``model.language_model``."""
+    dec = model.get_decoder()
+    for name, mod in model.named_modules():
+        if mod is dec:
+            return name
+    raise T2EvalError(f"cannot locate the language model inside {type(model).__name__}")
+
+
+_LAYOUTS: dict[tuple, dict] = {}
+
+
+def model_layout(model_dir: str | os.PathLike) -> dict:
+    """How a model directory's tensors are named and scoped:
+    ``{"module_to_checkpoint": {module name: stored name}, "language_prefix": str, "num_layers": int}``.
+
+    Text-only configs: identity names, language prefix "" (the whole model). Vision-language
+    configs: names renamed with transformers' conversion mapping on a meta-device model, the
+    language prefix is the path of its decoder module. Memoised per config/index file mtime.
+    """
+    d = Path(model_dir)
+    cfg = _read_config(d)
+    index = _weight_index(d)
+    if not _is_multimodal(cfg):
+        return {"module_to_checkpoint": {n: n for n in index}, "language_prefix": "",
+                "num_layers": _text_num_layers(cfg)}
+    stamp = tuple((f.name, f.stat().st_mtime_ns) for f in sorted({d / "config.json", *index.values()}))
+    key = (str(d.resolve()), stamp)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _multimodal_layout(d, list(index), cfg)
+    return _LAYOUTS[key]
+
+
+def _multimodal_layout(d: Path, stored: list[str], cfg: Mapping) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    config = AutoConfig.from_pretrained(d)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(config)
+    except ValueError as e:
+        raise T2EvalError(f"{d}: a multimodal config that transformers cannot build as an image-text model ({e})") from None
+    conv = get_model_conversion_mapping(model)
+    renamings = [c for c in conv if isinstance(c, WeightRenaming)]
+    converters = [c for c in conv if isinstance(c, WeightConverter)]
+    meta = {n: True for n, _ in model.named_parameters()}
+    out = {}
+    for k in stored:
+        new, via_converter = rename_source_key(k, renamings, converters, model.base_model_prefix, meta)
+        if new not in meta and k in meta:
+            new, via_converter = k, None
+        if new in meta and via_converter is None:  # converted (merged/split) tensors cannot be SVF targets
+            out[new] = k
+    return {"module_to_checkpoint": out, "language_prefix": _decoder_prefix(model),
+            "num_layers": config.get_text_config().num_hidden_layers}
+
+
+def _names_prefix_layers(source: Any) -> tuple[list[str], str, int | None]:
+    """(module names, language-model prefix, text layer count) of a directory, model or name list."""
     if isinstance(source, (str, os.PathLike)):
-        d = Path(source)
-        names = list(_weight_index(d))
-        cfg = _read_config(d)
-        return names, cfg.get("num_hidden_layers")
+        lay = model_layout(source)
+        return list(lay["module_to_checkpoint"]), lay["language_prefix"], lay["num_layers"]
     if hasattr(source, "named_parameters"):
         cfg = getattr(source, "config", None)
-        return [n for n, _ in source.named_parameters()], getattr(cfg, "num_hidden_layers", None)
-    if isinstance(source, Mapping):
-        return list(source), None
-    return list(source), None
+        names = [n for n, _ in source.named_parameters()]
+        if cfg is not None and getattr(cfg, "vision_config", None) is not None:
+            return names, _decoder_prefix(source), cfg.get_text_config().num_hidden_layers
+        return names, "", getattr(cfg, "num_hidden_layers", None)
+    names = list(source)
+    lm = sorted({n[: n.index("language_model.") + len("language_model")] for n in names if "language_model." in n},
+                key=len)
+    return names, (lm[0] if lm else ""), None
+
+
+def scope_prefix(scope: str, language_prefix: str) -> str:
+    """The module prefix a scope keeps ("" = everything): language | all | an explicit prefix."""
+    if scope in (None, "language"):
+        return language_prefix
+    if scope == "all":
+        return ""
+    if not isinstance(scope, str) or not scope.strip("."):
+        raise T2EvalError(f"bad SVD scope {scope!r}: use language, all or a module prefix like model.language_model")
+    return scope.strip(".")
 
 
 def target_names(model_or_state_names: Any, targets: str | Sequence[str] = "mlp",
-                 layers: str | Sequence[int] | None = "all", num_layers: int | None = None) -> list[str]:
-    """Names of the targeted weight matrices, in canonical order.
+                 layers: str | Sequence[int] | None = "all", num_layers: int | None = None,
+                 scope: str = "language") -> list[str]:
+    """Names of the targeted weight matrices (module names), in canonical order.
 
     `model_or_state_names`: an HF model, a state dict, an iterable of parameter names or a model
     directory. `targets`: mlp (gate/up/down_proj; default) | attn (q_proj + v_proj) | mlp+attn |
     explicit module-name suffixes. `layers`: see :func:`select_layers`; the layer count comes from
-    the model config, else from the largest layer index in the names.
+    the (text) model config, else from the largest layer index in the names. `scope`: language
+    (default: the language model only, so a VLM's vision tower is never targeted) | all | a prefix.
     """
-    names, n_cfg = _names_and_num_layers(model_or_state_names)
+    names, lm_prefix, n_cfg = _names_prefix_layers(model_or_state_names)
     key, suffixes = normalise_targets(targets)
-    hits = [n for n in names if any(n == s + ".weight" or n.endswith("." + s + ".weight") for s in suffixes)]
+    prefix = scope_prefix(scope, lm_prefix)
+    in_scope = [n for n in names if not prefix or n.startswith(prefix + ".")]
+    hits = [n for n in in_scope if any(n == s + ".weight" or n.endswith("." + s + ".weight") for s in suffixes)]
     if not hits:
-        raise T2EvalError(f"no weight matches targets {key!r} (suffixes {suffixes}); "
-                          f"example parameter names: {names[:4]}")
+        raise T2EvalError(f"no weight matches targets {key!r} (suffixes {suffixes})"
+                          + (f" inside scope {prefix!r}" if prefix else "") + f"; example parameter names: {names[:4]}")
+    names = in_scope
     if layers not in (None, "all"):
         idx_all = [i for n in names if (i := layer_index(n)) is not None]
         n_layers = num_layers or n_cfg or (max(idx_all) + 1 if idx_all else 0)
@@ -287,14 +386,16 @@ def _tensor_sha256(t) -> str:
     return h.hexdigest()
 
 
-def _by_file(model_dir: Path, names: Sequence[str]) -> dict[Path, list[str]]:
+def _by_file(model_dir: Path, names: Sequence[str]) -> dict[Path, list[tuple[str, str]]]:
+    """{safetensors file: [(module name, stored name)]} for module names `names`."""
     index = _weight_index(model_dir)
-    missing = [n for n in names if n not in index]
+    to_ckpt = model_layout(model_dir)["module_to_checkpoint"]
+    missing = [n for n in names if n not in to_ckpt]
     if missing:
         raise StaleCacheError(f"{model_dir} has no tensor(s) {missing[:3]}")
-    out: dict[Path, list[str]] = {}
+    out: dict[Path, list[tuple[str, str]]] = {}
     for n in names:
-        out.setdefault(index[n], []).append(n)
+        out.setdefault(index[to_ckpt[n]], []).append((n, to_ckpt[n]))
     return out
 
 
@@ -312,8 +413,8 @@ def tensor_hashes(model_dir: str | os.PathLike, names: Sequence[str], full: bool
         start, table, _ = _st_table(f)
         fd = os.open(f, os.O_RDONLY)
         try:
-            for n in ns:
-                e = table[n]
+            for n, stored in ns:
+                e = table[stored]
                 a, b = start + e["data_offsets"][0], start + e["data_offsets"][1]
                 rec = {"shape": list(e["shape"]), "dtype": e["dtype"], "sample_sha256": _sample_sha256(fd, a, b, e)}
                 if full:
@@ -387,8 +488,11 @@ class _Lock:
 
 def decompose(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp",
               out: str | os.PathLike = "svd.safetensors", layers: str | Sequence[int] | None = "all",
-              device: str = "cpu", threads: int | None = None, resume: bool = True) -> dict:
+              device: str = "cpu", threads: int | None = None, resume: bool = True,
+              scope: str = "language") -> dict:
     """Decompose the targeted matrices of `model_dir` into `out`; returns the manifest.
+
+    `scope`: where targets are searched (see the module docstring; default the language model).
 
     Resumable per matrix: factors are appended to ``.<out>.partial`` and, once fsynced, recorded
     with their sha256 in ``.<out>.partial.json``; a killed run restarts after the last recorded
@@ -405,35 +509,38 @@ def decompose(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp"
         prev = torch.get_num_threads()
         torch.set_num_threads(int(threads))
         try:
-            return decompose(model_dir, targets, out, layers, device, None, resume)
+            return decompose(model_dir, targets, out, layers, device, None, resume, scope)
         finally:
             torch.set_num_threads(prev)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with _Lock(out):
-        return _decompose_locked(Path(model_dir), targets, out, layers, device, resume)
+        return _decompose_locked(Path(model_dir), targets, out, layers, device, resume, scope)
 
 
-def _decompose_locked(d: Path, targets, out: Path, layers, device: str, resume: bool) -> dict:
+def _decompose_locked(d: Path, targets, out: Path, layers, device: str, resume: bool, scope: str = "language") -> dict:
     import torch
 
     from .provenance import record, write_json_atomic
 
     t_start = time.perf_counter()
-    cfg = _read_config(d)
     index = _weight_index(d)
+    lay = model_layout(d)
+    to_ckpt = lay["module_to_checkpoint"]
+    prefix = scope_prefix(scope, lay["language_prefix"])
     key, suffixes = normalise_targets(targets)
-    names = target_names(list(index), targets, layers, num_layers=cfg.get("num_hidden_layers"))
-    n_layers = cfg.get("num_hidden_layers") or (max((layer_index(n) or 0) for n in index) + 1)
+    names = target_names(d, targets, layers, scope=scope)
+    n_layers = lay["num_layers"] or (max((layer_index(n) or 0) for n in to_ckpt) + 1)
+    src_file = {n: index[to_ckpt[n]] for n in names}
 
     # tensor table, known before any SVD: U m×r, S r, V n×r (fp32)
-    tables = {f: _st_table(f) for f in {index[n] for n in names}}
+    tables = {f: _st_table(f) for f in set(src_file.values())}
     table: dict[str, dict] = {}
     offset = 0
     shapes: dict[str, tuple[int, int]] = {}
     src_dtypes: dict[str, str] = {}
     for n in names:
-        e = tables[index[n]][1][n]
+        e = tables[src_file[n]][1][to_ckpt[n]]
         shape = tuple(e["shape"])
         src_dtypes[n] = e["dtype"]
         if len(shape) != 2:
@@ -450,6 +557,7 @@ def _decompose_locked(d: Path, targets, out: Path, layers, device: str, resume: 
     files = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(tables)}
     plan = {"format": FORMAT, "model": str(d.resolve()), "config_sha256": config_sha256(d), "weight_files": files,
             "targets": key, "names": names, "layers": manifest_layers(layers), "device": str(device),
+            "scope": prefix,
             "reserve": reserve, "size": 8 + reserve + offset}
 
     partial, progress = partial_paths(out)
@@ -473,10 +581,10 @@ def _decompose_locked(d: Path, targets, out: Path, layers, device: str, resume: 
     try:
         for n in names[len(done):]:
             t0 = time.perf_counter()
-            w = _read_tensor_from(index[n], tables[index[n]], n)
+            w = _read_tensor_from(src_file[n], tables[src_file[n]], to_ckpt[n])
             src = {"shape": list(shapes[n]), "dtype": src_dtypes[n], "sha256": _tensor_sha256(w)}
             if not torch.isfinite(w).all():
-                raise T2EvalError(f"{n} in {index[n]} contains NaN/inf: the model weights are broken")
+                raise T2EvalError(f"{n} in {src_file[n]} contains NaN/inf: the model weights are broken")
             U, S, V, err = _thin_svd(w, device)
             sha = {}
             for part, t in (("U", U), ("S", S), ("V", V)):
@@ -501,9 +609,9 @@ def _decompose_locked(d: Path, targets, out: Path, layers, device: str, resume: 
             start, ftable, _ = tables[fpath]
             fd = os.open(fpath, os.O_RDONLY)
             try:
-                for n in ns:
-                    a, b = (start + x for x in ftable[n]["data_offsets"])
-                    tensors_id[n]["sample_sha256"] = _sample_sha256(fd, a, b, ftable[n])
+                for n, stored in ns:
+                    a, b = (start + x for x in ftable[stored]["data_offsets"])
+                    tensors_id[n]["sample_sha256"] = _sample_sha256(fd, a, b, ftable[stored])
             finally:
                 os.close(fd)
         total = elapsed_before + time.perf_counter() - t_start
@@ -513,6 +621,8 @@ def _decompose_locked(d: Path, targets, out: Path, layers, device: str, resume: 
             "format": FORMAT,
             "model": ident,
             "targets": key, "target_suffixes": suffixes,
+            "scope": scope if scope in ("language", "all") else prefix, "scope_prefix": prefix,
+            "checkpoint_names": {n: to_ckpt[n] for n in names if to_ckpt[n] != n},
             "layers": manifest_layers(layers),
             "layer_indices": sorted({i for n in names if (i := layer_index(n)) is not None}),
             "num_layers": n_layers,
@@ -737,7 +847,7 @@ def _verify_checksums(p: Path, fd: int, data_start: int, table: dict, manifest: 
 def load_svd(path: str | os.PathLike, expect_model: str | os.PathLike | None = None,
              expect_targets: str | Sequence[str] | None = None, expect_layers: Any = None,
              device: str = "cpu", verify_weights: bool = True, dtype=None,
-             resident: bool | None = None) -> SVDCache:
+             resident: bool | None = None, expect_scope: str | None = None) -> SVDCache:
     """Open and validate a cache; factors are read on demand (see :class:`SVDCache`).
 
     `device`/`dtype`: where and as what the factors are returned (default fp32 on the CPU).
@@ -751,7 +861,8 @@ def load_svd(path: str | os.PathLike, expect_model: str | os.PathLike | None = N
     mis-shaped keys, a factor whose sha256 differs from the manifest's checksum; every factor is
     hashed once per process, streaming) or StaleCacheError (built from another model — config,
     tensor shapes, or the content hash of the targeted tensors of `expect_model`: every byte with
-    `verify_weights`, sampled windows without — or with other targets / layers than expected).
+    `verify_weights`, sampled windows without — or with other targets / layers / scope than expected;
+    caches made before scopes existed count as scope "language").
     """
     import torch
     from safetensors import safe_open
@@ -793,6 +904,9 @@ def load_svd(path: str | os.PathLike, expect_model: str | os.PathLike | None = N
         key, _ = normalise_targets(expect_targets)
         if key != manifest["targets"]:
             raise StaleCacheError(f"SVD cache {p} holds targets {manifest['targets']!r}, expected {key!r}")
+    if expect_scope is not None and manifest.get("scope", "language") != expect_scope:
+        raise StaleCacheError(f"SVD cache {p} was decomposed with scope {manifest.get('scope', 'language')!r}, "
+                              f"expected {expect_scope!r}")
     if expect_layers is not None:
         want = select_layers(expect_layers, manifest["num_layers"])
         if want != manifest["layer_indices"]:
@@ -840,7 +954,7 @@ def check_svd_for_model(svd_cache: "SVDCache | str | os.PathLike", model_dir: st
     if config_sha256(md) != have["config_sha256"]:
         raise StaleCacheError(f"{other} (another config.json): decompose {md} or pass its own cache")
     names = manifest["names"]
-    index = _weight_index(md)
+    index = model_layout(md)["module_to_checkpoint"]
     missing = [n for n in names if n not in index]
     if missing:
         raise StaleCacheError(f"{other}: {md} lacks {missing[:3]}")
@@ -855,7 +969,8 @@ def check_svd_for_model(svd_cache: "SVDCache | str | os.PathLike", model_dir: st
 
 def ensure_svd(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp",
                out: str | os.PathLike | None = None, layers: Any = "all", force: bool = False,
-               device: str = "cpu", verify_weights: bool = True, threads: int | None = None) -> SVDCache:
+               device: str = "cpu", verify_weights: bool = True, threads: int | None = None,
+               scope: str = "language") -> SVDCache:
     """A valid cache for (model, targets, layers) at `out`: reused when valid, else (re)built.
 
     A stale or corrupted cache is never used silently: it is rebuilt with a logged warning. An
@@ -866,13 +981,15 @@ def ensure_svd(model_dir: str | os.PathLike, targets: str | Sequence[str] = "mlp
     key, _ = normalise_targets(targets)
     if out is None:
         suffix = "" if layers in (None, "all") else f"-{layers if isinstance(layers, str) else 'custom'}"
+        if scope != "language":
+            suffix += "-scope_" + ("all" if scope == "all" else scope.strip(".").replace(".", "_"))
         out = Path("svd") / f"{d.name}-{key.replace(':', '_').replace(',', '_')}{suffix}.safetensors"
     out = Path(out)
     if out.exists() and not force:
         try:
             return load_svd(out, expect_model=d, expect_targets=targets, expect_layers=layers,
-                            device=device, verify_weights=verify_weights)
+                            device=device, verify_weights=verify_weights, expect_scope=scope)
         except (CorruptArtifactError, StaleCacheError) as e:
             log.warning("rebuilding the SVD cache: %s", e)
-    decompose(d, targets, out, layers=layers, device=device, threads=threads)
+    decompose(d, targets, out, layers=layers, device=device, threads=threads, scope=scope)
     return load_svd(out, expect_targets=targets, device=device)

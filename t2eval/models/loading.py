@@ -50,12 +50,23 @@ def torch_dtype(name: str | None):
     return dt
 
 
+def is_vision_language(key_or_path: str | Path) -> bool:
+    """True when the model's config.json describes a vision-language model (it has a vision_config)."""
+    import json
+
+    d = resolve_model_dir(str(key_or_path))
+    return "vision_config" in json.loads((Path(d) / "config.json").read_text())
+
+
 def load_model(key_or_path: str, dtype: str | None = "float32", device: str = "cpu"):
-    from transformers import AutoModelForCausalLM
+    """The model in eval mode: the causal-LM class, or the image-text class
+    (``AutoModelForImageTextToText``, e.g. LlavaNextForConditionalGeneration) for a vision-language config."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     d = resolve_model_dir(key_or_path)
+    cls = AutoModelForImageTextToText if is_vision_language(d) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch_dtype(dtype))
+        model = cls.from_pretrained(d, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as e:
         raise T2EvalError(f"could not load the model in {d}: {e}") from None
     return model.to(device).eval()
@@ -68,3 +79,19 @@ def load_tokenizer(key_or_path: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_processor(key_or_path: str):
+    """The processor (image processor + tokenizer) of a vision-language model directory."""
+    from transformers import AutoProcessor
+
+    d = resolve_model_dir(key_or_path)
+    if not is_vision_language(d):
+        raise T2EvalError(f"{d} is not a vision-language model (no vision_config in config.json): it has no processor")
+    try:
+        proc = AutoProcessor.from_pretrained(d)
+    except (OSError, ValueError) as e:
+        raise T2EvalError(f"could not load the processor in {d}: {e}") from None
+    if proc.tokenizer.pad_token is None:
+        proc.tokenizer.pad_token = proc.tokenizer.eos_token
+    return proc
