@@ -26,6 +26,8 @@ class DecomposeConfig:
     out: str | None = opt(None, help="cache file (default: svd/<model>-<targets>.safetensors)")
     layers: str | None = opt(None, help="all | half (upper half: layers L//2..L-1) | half-lower | even | odd | "
                              "'0-15,20' (default: the model registry's svf_layers, else all)")
+    scope: str = opt("language", help="which part of a vision-language model is decomposed: language (its language "
+                     "model; never a vision-tower matrix) | all | a module-name prefix")
     device: str = opt("cpu", help="device for the SVD (cpu, cuda); results are stored in fp32")
     threads: int | None = opt(None, help="torch CPU threads for the SVD (default: torch's; 1 is fastest on a "
                               "busy machine)")
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         name = args.model if not Path(args.model).exists() else Path(model_dir).name
         tag = key.replace(":", "_").replace(",", "_") + ("" if layers == "all" else f"-{layers}")
         out = Path("svd") / f"{name}-{tag}.safetensors"
-    cache = ensure_svd(model_dir, args.targets, out, layers=layers, force=args.force, device=args.device,
+    cache = ensure_svd(model_dir, args.targets, out, layers=layers, scope=args.scope, force=args.force, device=args.device,
                        verify_weights=args.verify_weights, threads=args.threads)
     m = cache.manifest
     print(f"{out}: {len(cache)} matrices ({m['targets']}, layers {m['layers']}), "

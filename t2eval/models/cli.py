@@ -25,7 +25,7 @@ class PrepareModelConfig:
     out: str = opt(help="output directory (HF layout, safetensors)", required=True)
     dtype: str | None = opt(None, help="weight dtype to store (default: the registry's default_dtype)",
                             choices=("float32", "bfloat16", "float16"))
-    seed: int = opt(0, help="seed of the tiny random model (tiny-llama only)")
+    seed: int = opt(0, help="seed of the random weights (tiny-llama, tiny-llava-next; smollm2-llava's vision tower)")
     force: bool = opt(False, help="rebuild even if --out already holds the model")
 
 
@@ -46,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
         if meta.get("key") == args.model and (args.dtype is None or meta.get("dtype") == args.dtype):
             log.info("%s already prepared in %s (use --force to rebuild)", args.model, out)
             return 0
-    if args.model in reg and reg[args.model].builder == "tiny_llama":
+    from .llava import BUILDERS as LLAVA_BUILDERS
+
+    if args.model in reg and reg[args.model].builder in LLAVA_BUILDERS:
+        LLAVA_BUILDERS[reg[args.model].builder](out, seed=args.seed, dtype=args.dtype or reg[args.model].default_dtype)
+    elif args.model in reg and reg[args.model].builder == "tiny_llama":
         from .tiny import build_tiny_llama
 
         build_tiny_llama(out, seed=args.seed, dtype=args.dtype or reg[args.model].default_dtype)
