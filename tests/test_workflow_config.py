@@ -172,6 +172,10 @@ def test_protocol_and_overrides_prefix_every_command():
     assert tokens[1].startswith("T2EVAL_PROTOCOL_OVERRIDES=")
     assert json.loads(tokens[1].split("=", 1)[1]) == {"bos": "double"}
     assert load(CONFIGS["micro"])["protocol"] == "release"  # the default: what produced the published numbers
+    from t2eval.protocol import PROTOCOLS
+    from t2eval.workflow_config import SCHEMA
+
+    assert tuple(yaml.safe_load(SCHEMA.read_text())["properties"]["protocol"]["enum"]) == PROTOCOLS
     with pytest.raises(T2EvalError, match=r"protocol_overrides: unknown knob\(s\) boss"):
         load(dict(CONFIGS["micro"], protocol_overrides={"boss": "single"}))
     with pytest.raises(T2EvalError, match=r"protocol: 'fixed' is not one of"):

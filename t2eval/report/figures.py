@@ -55,7 +55,8 @@ def caption(figure: str, model: str | None = None) -> str:
     return {
         "4": f"Figure 4{who}: SVF training curves — validation score per iteration for each training task; "
              "the star marks the best-validation checkpoint (the one kept), the dashed line is the base "
-             "model's test score.",
+             "model's test score. With several seeds: one thin curve per seed and their mean (thick; the "
+             "star marks the mean's best iteration).",
         "6": f"Figure 6{who}: confusion matrices of the first-pass dispatcher — rows are the true task, "
              "columns the chosen expert (row fractions); 'other' means the base model answered.",
         "7": f"Figure 7{who}: few-shot adaptation weights α — normalised weight of each expert (math = GSM8K, "
