@@ -1,4 +1,6 @@
-"""The raw result cell: one JSON file per (model, method, task) at `results/raw/<model>/<method>/<task>.json`.
+"""The raw result cell: one JSON file per (model, method, task[, seed]) at
+`results/raw/<model>/<method>/<task>.json` (the first or only seed) and
+`results/raw/<model>/<method>/<task>.seed<k>.json` (each further seed k of the workflow's `seeds`).
 
 A cell holds everything the tables and figures need, so reports are recomputed from raw numbers:
 
@@ -169,8 +171,19 @@ def make_cell(model: str, method: str, task: str, per_sample: Iterable[Mapping[s
     return validate_cell(cell, f"{model}/{method}/{task}")
 
 
-def cell_path(raw_dir: str | os.PathLike, model: str, method: str, task: str) -> Path:
-    return Path(raw_dir) / model / method / f"{task}.json"
+def cell_path(raw_dir: str | os.PathLike, model: str, method: str, task: str, seed: int | None = None) -> Path:
+    return Path(raw_dir) / model / method / (f"{task}.json" if seed is None else f"{task}.seed{seed}.json")
+
+
+def parse_cell_name(name: str) -> tuple[str, int | None] | None:
+    """(task, seed tag) of a cell file name: `<task>.json` -> (task, None), `<task>.seed<k>.json` -> (task, k);
+    None for anything else (sidecars, temp files)."""
+    import re
+
+    m = re.fullmatch(r"([a-z0-9][a-z0-9_]*)(?:\.seed([0-9]+))?\.json", name)
+    if not m:
+        return None
+    return m.group(1), None if m.group(2) is None else int(m.group(2))
 
 
 def write_cell(path: str | os.PathLike, cell: Mapping[str, Any]) -> Path:
@@ -200,9 +213,10 @@ def read_cell(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def collect(raw_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every cell under `raw_dir/<model>/<method>/<task>.json`, validated, sorted by (model, method, task).
-    Each cell's model/method/task must match its path. Sidecars (`*.provenance.json`) and temp files
-    are skipped."""
+    """Every cell under `raw_dir/<model>/<method>/<task>[.seed<k>].json`, validated, sorted by
+    (model, method, task, seed). Each cell's model/method/task must match its path; `cell["_seed"]` is
+    the seed tag from the file name (None: the first/only seed). Sidecars (`*.provenance.json`) and temp
+    files are skipped."""
     root = Path(raw_dir)
     if not root.is_dir():
         raise T2EvalError(f"raw results directory {root} does not exist; run `t2eval evaluate` to create "
@@ -211,19 +225,35 @@ def collect(raw_dir: str | os.PathLike) -> list[dict[str, Any]]:
     for p in sorted(root.glob("*/*/*.json")):
         if p.name.startswith(".") or p.name.endswith(".provenance.json"):
             continue
+        parsed = parse_cell_name(p.name)
+        if parsed is None:
+            raise CorruptArtifactError(f"{p} is not a result cell name (<task>.json or <task>.seed<k>.json); "
+                                       f"move it out of {root}")
         cell = read_cell(p)
-        model, method, task = p.parent.parent.name, p.parent.name, p.stem
+        (model, method), (task, seed) = (p.parent.parent.name, p.parent.name), parsed
         if (cell["model"], cell["method"], cell["task"]) != (model, method, task):
             raise CorruptArtifactError(
                 f"result cell {p} says model/method/task = {cell['model']}/{cell['method']}/{cell['task']} "
                 f"but its path says {model}/{method}/{task}; move the file or fix its fields")
         cell["_path"] = str(p)
+        cell["_seed"] = seed
         cells.append(cell)
-    cells.sort(key=lambda c: (c["model"], c["method"], c["task"]))
+    cells.sort(key=lambda c: (c["model"], c["method"], c["task"], -1 if c["_seed"] is None else c["_seed"]))
     return cells
 
 
 def index(cells: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], Mapping[str, Any]]:
-    """{(model, method, task): cell}."""
-    return {(c["model"], c["method"], c["task"]): c for c in cells}
+    """{(model, method, task): cell} of the first-seed cells (`<task>.json`; a cell without `_seed` counts
+    as one). `replicates` gives every seed's cell."""
+    return {(c["model"], c["method"], c["task"]): c for c in cells if c.get("_seed") is None}
+
+
+def replicates(cells: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str], list[Mapping[str, Any]]]:
+    """{(model, method, task): [cell of each seed, the first seed first]}."""
+    out: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for c in cells:
+        out.setdefault((c["model"], c["method"], c["task"]), []).append(c)
+    for v in out.values():
+        v.sort(key=lambda c: -1 if c.get("_seed") is None else c["_seed"])
+    return out
 

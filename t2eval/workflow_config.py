@@ -20,6 +20,8 @@ from typing import Any, Mapping
 from .constants import TRAIN_TASKS, UNSEEN_TASKS
 from .errors import T2EvalError
 from .adapt.strategies import methods_of
+from .protocol import DEFAULT as DEFAULT_PROTOCOL
+from .protocol import KNOB_NAMES
 
 SCHEMA = Path(str(resources.files("t2eval").joinpath("resources/config.schema.yaml")))
 
@@ -31,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "tensor_parallel_size": 1,
     "device": "cpu",
     "seed": 42,
+    "seeds": None,          # None: [seed]; see seeds() and the schema
+    "protocol": DEFAULT_PROTOCOL,
+    "protocol_overrides": {},
     "data": {"dir": "data", "mirror": None},
     "svd": {"targets": "mlp", "layers": "all"},
     "train_svf": {"tasks": list(TRAIN_TASKS), "cls_variant": "cls", "kl_sweep": []},
@@ -101,4 +106,10 @@ def load(user_cfg: Mapping[str, Any] | None, source: str = "config") -> dict[str
         if name not in models:
             raise T2EvalError(f"invalid workflow configuration ({source}): {name!r} is used in ablations/cross_model "
                               f"but not listed in models ({', '.join(sorted(models))})")
+    unknown = sorted(set(cfg["protocol_overrides"]) - set(KNOB_NAMES))
+    if unknown:
+        raise T2EvalError(f"invalid workflow configuration ({source}): protocol_overrides: unknown knob(s) "
+                          f"{', '.join(unknown)}; known: {', '.join(KNOB_NAMES)} (`t2eval protocol` lists them)")
+    if cfg["seeds"] is None:
+        cfg["seeds"] = [cfg["seed"]]
     return cfg

@@ -18,7 +18,7 @@ import pytest
 from t2eval.cli import COMMANDS, subcommand_parser
 
 REPO = Path(__file__).resolve().parent.parent
-ENV_PREFIX = ("OMP_NUM_THREADS=", "MKL_NUM_THREADS=", "HF_ALLOW_CODE_EVAL=")
+ENV_PREFIX = ("OMP_NUM_THREADS=", "MKL_NUM_THREADS=", "HF_ALLOW_CODE_EVAL=", "T2EVAL_PROTOCOL=", "T2EVAL_PROTOCOL_OVERRIDES=")
 
 
 def dry_run_commands(config: str, workdir: Path) -> list[tuple[str, str]]:

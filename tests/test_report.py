@@ -328,3 +328,82 @@ def test_tables_name_the_protocol_and_refuse_to_mix(tmp_path):
     with pytest.raises(T2EvalError, match=r"table 1 would mix cells of different protocols \(corrected: .*lora/gsm8k"):
         write_tables(collect(raw), out)
     assert not (out / "table1.md").exists()
+
+
+# ----------------------------------------------------------------------------- seeds and paired statistics
+def put_outcomes(raw: Path, model, method, task, outcomes, seed=None, **kw) -> dict:
+    cell = make_cell(model, method, task, [{"doc_id": i, "correct": c} for i, c in enumerate(outcomes)], **kw)
+    write_cell(cell_path(raw, model, method, task, seed), cell)
+    return cell
+
+
+def test_paired_columns_and_seed_statistics_on_hand_made_cells(tmp_path):
+    from t2eval.report.stats import TEST_NAME
+
+    raw, out = tmp_path / "raw", tmp_path / "tables"
+    base = [1] * 10 + [0] * 10
+    put_outcomes(raw, "llama3-8b", "base", "gsm8k", base)
+    # first seed: 9 of the base's wrong documents right, 1 of its right ones wrong -> n01 = 9, n10 = 1,
+    # exact McNemar p = 2 · (C(10,0) + C(10,1)) / 2^10 = 0.021484375; Δ = (18 − 10) / 20 = +40 points
+    put_outcomes(raw, "llama3-8b", "svf", "gsm8k", [1] * 9 + [0] + [1] * 9 + [0])
+    write_tables(collect(raw), out)
+    t1 = {(r["row"], r["task"]): r for r in rows(out / "table1.csv")}
+    svf, b = t1[("SVF", "gsm8k")], t1[("Base", "gsm8k")]
+    assert (svf["base_n01"], svf["base_n10"]) == ("9", "1")
+    assert math.isclose(float(svf["mcnemar_p"]), 0.021484375) and svf["significant"] == "True"
+    assert math.isclose(float(svf["diff_base_pp"]), 40.0)
+    assert 0 < float(svf["diff_base_ci_low_pp"]) < 40.0 < float(svf["diff_base_ci_high_pp"]) <= 100.0
+    assert (svf["n_seeds"], svf["seed_sd_pct"], b["mcnemar_p"]) == ("1", "", "")
+    md = (out / "table1.md").read_text()
+    assert "p=0.021 *" in md and TEST_NAME in md and "Δbase +40.00" in md
+    assert "$^*$" in (out / "table1.tex").read_text()
+
+    # a second seed that equals the base model: pooled counts, mean ± sd, the largest p, not significant
+    put_outcomes(raw, "llama3-8b", "svf", "gsm8k", base, seed=7)
+    cells = collect(raw)
+    assert [(c["method"], c["_seed"]) for c in cells] == [("base", None), ("svf", None), ("svf", 7)]
+    write_tables(cells, out)
+    svf = next(r for r in rows(out / "table1.csv") if r["row"] == "SVF" and r["task"] == "gsm8k")
+    assert (svf["correct"], svf["total"], svf["n_seeds"], svf["seeds"]) == ("28", "40", "2", "first;7")
+    assert math.isclose(float(svf["seed_mean_pct"]), 70.0) and math.isclose(float(svf["seed_sd_pct"]), 800 ** 0.5)
+    assert math.isclose(float(svf["mcnemar_p"]), 1.0) and svf["significant"] == "False"
+    assert svf["mcnemar_p_seeds"] == "0.0214844;1"
+    assert math.isclose(float(svf["diff_base_pp"]), 20.0)  # per document: mean over seeds − base
+    md = (out / "table1.md").read_text()
+    assert "70.00±28.28 (2 seeds)" in md and "p=1.000" in md and "p=1.000 *" not in md
+
+
+def test_fewshot_rows_say_alpha_selected_on_the_reported_set(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "tables"
+    put_outcomes(raw, "llama3-8b", "base", "math", [1, 0, 0, 1])
+    put_outcomes(raw, "llama3-8b", "t2-fewshot", "math", [1, 1, 0], split="fewshot_test",
+                 provenance={"alpha_selection": "α selected on the reported set"})
+    put_outcomes(raw, "llama3-8b", "t2-prompt", "math", [1, 1, 0, 0])
+    write_tables(collect(raw), out)
+    t2 = {(r["row"], r["task"]): r for r in rows(out / "table2.csv")}
+    few = t2[("T2-Few-shot", "math")]
+    assert few["alpha_selection"] == "α selected on the reported set"
+    assert few["mcnemar_p"] == "" and "fewshot_test" in few["paired_note"]  # other documents: no paired test
+    assert (t2[("T2-Prompt", "math")]["base_n01"], t2[("T2-Prompt", "math")]["base_n10"]) == ("1", "1")
+    md = (out / "table2.md").read_text()
+    assert "| T2-Few-shot ‡ (α selected on the reported set) |" in md and "‡ α selected on the reported set" in md
+    assert "T2-Prompt ‡" not in md
+    assert r"T2-Few-shot$^\ddagger$" in (out / "table2.tex").read_text()
+
+
+def test_figure4_one_curve_per_seed_plus_the_mean(tmp_path):
+    experts, out = tmp_path / "experts", tmp_path / "fig"
+    for sub, vals in (("", [0.1, 0.3, 0.2]), ("seed7/", [0.3, 0.1, 0.4])):
+        log = experts / "llama3-8b" / "svf" / "gsm8k" / sub / "log.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(json.dumps({"iteration": i, "split_scores": {"valid": v}}) + "\n"
+                               for i, v in enumerate(vals)))
+    figures.write_figures([], experts, out, models=["llama3-8b"])
+    f4 = rows(out / "fig4_learning_curves.csv")
+    by = {}
+    for r in f4:
+        by.setdefault(r["seed"], []).append(float(r["valid"]))
+    assert by == {"first": [0.1, 0.3, 0.2], "7": [0.3, 0.1, 0.4], "mean": pytest.approx([0.2, 0.2, 0.3])}
+    # each seed's best-validation iteration (the checkpoint its trainer keeps) and the mean's
+    assert [(r["seed"], r["iteration"]) for r in f4 if r["is_best"] == "True"] == [("first", "1"), ("7", "2"),
+                                                                                  ("mean", "2")]

@@ -147,7 +147,7 @@ def test_stage_argv():
         f"experts/llama3-8b/svf-kl{k}/gsm8k" for k in (0.0, 0.1, 0.2, 0.3)]
     ev = P.stage_argv(cfg, "evaluate", model="llama3-70b", method="t2-prompt", task="math")
     assert "tensor_parallel_size=4" in ev[ev.index("--model-args") + 1]
-    assert P.stage_shell(cfg, "tables") == "t2eval tables"
+    assert P.stage_shell(cfg, "tables") == "T2EVAL_PROTOCOL=release t2eval tables"  # the default protocol
     with pytest.raises(ValueError, match="unknown t2eval subcommand"):
         P.stage_argv(cfg, "nonsense")
 
@@ -159,3 +159,54 @@ def test_published_numbers_default_to_the_repos_csv(monkeypatch):
     path = published.default_published_path()
     assert path.resolve() == (REPO / "results" / "published" / "paper_numbers.csv").resolve() and path.is_file()
     assert "/work/shared" not in Path(published.__file__).read_text()
+
+
+def test_protocol_and_overrides_prefix_every_command():
+    import json
+    import shlex
+
+    cfg = load(dict(CONFIGS["micro"], protocol="corrected", protocol_overrides={"bos": "double"}))
+    line = P.stage_shell(cfg, "train-svf", model="tiny-llama", svf_variant="svf", task="gsm8k")
+    tokens = shlex.split(line)
+    assert tokens[0] == "T2EVAL_PROTOCOL=corrected" and tokens[2:4] == ["t2eval", "train-svf"]
+    assert tokens[1].startswith("T2EVAL_PROTOCOL_OVERRIDES=")
+    assert json.loads(tokens[1].split("=", 1)[1]) == {"bos": "double"}
+    assert load(CONFIGS["micro"])["protocol"] == "release"  # the default: what produced the published numbers
+    from t2eval.protocol import PROTOCOLS
+    from t2eval.workflow_config import SCHEMA
+
+    assert tuple(yaml.safe_load(SCHEMA.read_text())["properties"]["protocol"]["enum"]) == PROTOCOLS
+    with pytest.raises(T2EvalError, match=r"protocol_overrides: unknown knob\(s\) boss"):
+        load(dict(CONFIGS["micro"], protocol_overrides={"boss": "single"}))
+    with pytest.raises(T2EvalError, match=r"protocol: 'fixed' is not one of"):
+        load(dict(CONFIGS["micro"], protocol="fixed"))
+
+
+def test_seeds_default_to_the_one_seed_and_replicate_seeded_cells_only():
+    one = load(CONFIGS["micro"])
+    assert one["seeds"] == [one["seed"]]
+    first = P.cells(one)
+    assert all(c.seed is None for c in first) and all(".seed" not in c.path for c in first)
+    two = load(dict(CONFIGS["micro"], seeds=[42, 7]))
+    cells = P.cells(two)
+    assert cells[:len(first)] == first  # the first seed keeps the single-seed layout
+    extra = cells[len(first):]
+    assert {c.method for c in extra} == {c.method for c in first} - {"base"}  # base cells are not seeded
+    assert len(extra) == len(first) - sum(c.method == "base" for c in first)
+    assert "results/raw/tiny-llama/svf/gsm8k.seed7.json" in {c.path for c in extra}
+    spec = P.cell_spec(two, "tiny-llama", "t2-cls", "math", 7)
+    assert spec.inputs["cls_expert"] == "experts/tiny-llama/svf/cls/seed7/z.safetensors"
+    assert spec.inputs["expert_gsm8k"] == "experts/tiny-llama/svf/gsm8k/seed7/z.safetensors"
+    svf = P.stage_argv(two, "train-svf", model="tiny-llama", svf_variant="svf", task="gsm8k", seed="7")
+    assert svf[svf.index("--out") + 1] == "experts/tiny-llama/svf/gsm8k/seed7" and svf[svf.index("--seed") + 1] == "7"
+    few = P.stage_argv(two, "fit-fewshot", model="tiny-llama", task="math", seed="7")
+    assert few[few.index("--out") + 1] == "experts/tiny-llama/fewshot/math/seed7"
+    assert "gsm8k/seed7/z.safetensors" in few[few.index("--experts") + 1]
+    ev = P.stage_argv(two, "evaluate", model="tiny-llama", method="t2-fewshot", task="math", seed="7")
+    assert ev[ev.index("--out") + 1] == "results/raw/tiny-llama/t2-fewshot/math.seed7.json"
+    assert "alpha=experts/tiny-llama/fewshot/math/seed7/alpha.json" in ev[ev.index("--model-args") + 1]
+    # the first seed's jobs are exactly the single-seed jobs
+    assert P.stage_argv(two, "train-lora", model="tiny-llama", lora_variant="lora", task="mbpp") == \
+        P.stage_argv(one, "train-lora", model="tiny-llama", lora_variant="lora", task="mbpp")
+    with pytest.raises(T2EvalError, match="seeds"):
+        load(dict(CONFIGS["micro"], seeds=[1, 1]))

@@ -12,7 +12,10 @@ to `snakemake --report`).
   absent on iterations without evaluation; a top-level "valid" key is accepted too). Scores are
   fractions (values > 1 are taken as percentages). The best-validation iteration is marked (first
   maximum = the checkpoint the trainer keeps); the base model's test score (from the base cell in
-  `results/raw/<model>/base/<task>.json`) is a dashed line.
+  `results/raw/<model>/base/<task>.json`) is a dashed line. With seed replicates (the workflow's `seeds`;
+  further seeds' logs in `experts/<model>/svf/<task>/seed<k>/log.jsonl`) each seed is one thin curve
+  and their mean (over the iterations every seed evaluated) a thick one; the CSV's `seed` column says
+  which (`first`, the seed k, or `mean`).
 * Figure 6 — dispatch confusion matrices (true task × chosen expert, row-normalised) from the
   `dispatch` field of the t2-prompt / t2-cls cells; the paper's fractions are in the CSV beside ours.
 * Figure 7 — few-shot α from `experts/<model>/fewshot/<task>/alpha.json`
@@ -52,7 +55,8 @@ def caption(figure: str, model: str | None = None) -> str:
     return {
         "4": f"Figure 4{who}: SVF training curves — validation score per iteration for each training task; "
              "the star marks the best-validation checkpoint (the one kept), the dashed line is the base "
-             "model's test score.",
+             "model's test score. With several seeds: one thin curve per seed and their mean (thick; the "
+             "star marks the mean's best iteration).",
         "6": f"Figure 6{who}: confusion matrices of the first-pass dispatcher — rows are the true task, "
              "columns the chosen expert (row fractions); 'other' means the base model answered.",
         "7": f"Figure 7{who}: few-shot adaptation weights α — normalised weight of each expert (math = GSM8K, "
@@ -158,15 +162,34 @@ def _placeholder(plt, figure: str, looked_for: str):
     return fig
 
 
-def learning_curves(model: str, experts_dir: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
-    """{task: read_log rows} for the model's SVF logs that have validation scores."""
+def learning_curves(model: str, experts_dir: str | os.PathLike) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{task: {seed: read_log rows}} for the model's SVF logs that have validation scores; seed "first"
+    is `svf/<task>/log.jsonl`, seed "k" is `svf/<task>/seed<k>/log.jsonl`."""
     root = Path(experts_dir) / model / "svf"
-    logs = {p.parent.name: p for p in root.glob("*/log.jsonl")} if root.is_dir() else {}
-    curves = {t: read_log(p) for t, p in logs.items()}
+    curves: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    if root.is_dir():
+        for p in sorted(root.glob("*/log.jsonl")):
+            curves.setdefault(p.parent.name, {})["first"] = read_log(p)
+        for p in sorted(root.glob("*/seed*/log.jsonl"), key=lambda q: (q.parent.parent.name, _seed_num(q.parent.name))):
+            if _seed_num(p.parent.name) is not None:
+                curves.setdefault(p.parent.parent.name, {})[p.parent.name[4:]] = read_log(p)
+    curves = {t: {k: v for k, v in by.items() if v} for t, by in curves.items()}
     return {t: curves[t] for t in _task_order(curves) if curves[t]}
 
 
-FIG4_COLUMNS = ["model", "task", "iteration", "valid", "train", "test", "is_best", "base_test"]
+def _seed_num(name: str) -> int | None:
+    return int(name[4:]) if name.startswith("seed") and name[4:].isdigit() else None
+
+
+def mean_curve(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """The mean validation score over seeds at each iteration that every seed evaluated."""
+    its = set.intersection(*({r["iteration"] for r in rows} for rows in runs))
+    by = [{r["iteration"]: r for r in rows} for rows in runs]
+    return [{"iteration": i, "valid": sum(b[i]["valid"] for b in by) / len(by), "train": None, "test": None}
+            for i in sorted(its)]
+
+
+FIG4_COLUMNS = ["model", "task", "seed", "iteration", "valid", "train", "test", "is_best", "base_test"]
 
 
 def figure4(models: Sequence[str], experts_dir: str | os.PathLike, cells: Sequence[Mapping[str, Any]],
@@ -189,24 +212,37 @@ def figure4(models: Sequence[str], experts_dir: str | os.PathLike, cells: Sequen
                 ax.axis("off")
                 continue
             task = list(curves)[c]
-            rows = curves[task]
-            its = [x["iteration"] for x in rows]
-            vals = [100 * x["valid"] for x in rows]
-            best = max(range(len(rows)), key=lambda i: (rows[i]["valid"], -i))  # first maximum
+            runs = curves[task]
             base = idx.get((model, "base", task))
-            ax.plot(its, vals, marker="o", ms=3, label="SVF validation")
-            ax.plot([its[best]], [vals[best]], marker="*", ms=14, color="C3", ls="none",
-                    label=f"best valid (it {its[best]})")
+            many = len(runs) > 1
+            series = dict(runs)
+            if many:
+                series["mean"] = mean_curve(list(runs.values()))
+            for seed, rows in series.items():
+                if not rows:
+                    continue
+                its = [x["iteration"] for x in rows]
+                vals = [100 * x["valid"] for x in rows]
+                best = max(range(len(rows)), key=lambda i: (rows[i]["valid"], -i))  # first maximum
+                if not many:
+                    ax.plot(its, vals, marker="o", ms=3, label="SVF validation")
+                elif seed == "mean":
+                    ax.plot(its, vals, marker="o", ms=3, lw=2.2, color="C0", label=f"mean of {len(runs)} seeds")
+                else:
+                    ax.plot(its, vals, lw=0.9, alpha=0.6, label=f"seed {seed}")
+                if seed == ("mean" if many else "first"):
+                    ax.plot([its[best]], [vals[best]], marker="*", ms=14, color="C3", ls="none",
+                            label=f"best valid{' (mean)' if many else ''} (it {its[best]})")
+                for i, x in enumerate(rows):
+                    table.append({"model": model, "task": task, "seed": seed, "iteration": x["iteration"],
+                                  "valid": x["valid"], "train": x["train"], "test": x["test"], "is_best": i == best,
+                                  "base_test": base["score"] if base else None})
             if base is not None:
                 ax.axhline(100 * base["score"], ls="--", color="gray", label="base test")
             ax.set_title(f"{MODEL_LABELS.get(model, model)} — {TASK_LABELS.get(task, task)}", fontsize=9)
             ax.set_xlabel("iteration")
             ax.set_ylabel("score (%)")
             ax.legend(fontsize=7)
-            for i, x in enumerate(rows):
-                table.append({"model": model, "task": task, "iteration": x["iteration"], "valid": x["valid"],
-                              "train": x["train"], "test": x["test"], "is_best": i == best,
-                              "base_test": base["score"] if base else None})
     fig.suptitle("SVF learning curves")
     return _finish(fig, plt, out_dir, "4", table, FIG4_COLUMNS)
 

@@ -5,7 +5,8 @@
   discordant document goes either way with probability 1/2, so the two-sided p-value is
   min(1, 2 · P[Bin(n01 + n10, 1/2) ≤ min(n01, n10)]).
 - `paired_bootstrap_ci(a, b)`: percentile bootstrap interval of mean(b) − mean(a), resampling
-  documents (pairs) with replacement, so the correlation between the two methods is kept.
+  documents (pairs) with replacement, so the correlation between the two methods is kept. Outcomes
+  may be fractions in [0, 1] (a document's correctness averaged over seed replicates).
 - `paired(cell_a, cell_b)`: the two cells' per-document outcomes aligned by doc_id (refuses cells
   scored on different documents).
 - `seed_mean_sd(scores)`: mean and sample standard deviation over seed replicates.
@@ -55,11 +56,12 @@ def mcnemar_exact(a: Sequence[Any], b: Sequence[Any]) -> McNemar:
 
 def paired_bootstrap_ci(a: Sequence[Any], b: Sequence[Any], n_boot: int = 10000, seed: int = 0,
                         level: float = 0.95) -> tuple[float, float, float]:
-    """(mean(b) − mean(a), lower, upper): percentile bootstrap over documents, pairs kept together."""
+    """(mean(b) − mean(a), lower, upper): percentile bootstrap over documents, pairs kept together
+    (outcomes 0/1 or per-document fractions)."""
     import numpy as np
 
-    xa = np.asarray(_as_bools(a), dtype=float)
-    xb = np.asarray(_as_bools(b), dtype=float)
+    xa = np.asarray([float(v) for v in a], dtype=float)
+    xb = np.asarray([float(v) for v in b], dtype=float)
     if xa.shape != xb.shape:
         raise ValueError(f"paired outcomes differ in length: {xa.size} vs {xb.size}")
     if xa.size == 0:

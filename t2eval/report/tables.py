@@ -3,7 +3,13 @@
 Writes table{1,2,3,4,5}.{md,csv,tex} (and table9 when cross-model cells on the training tasks exist).
 Every score cell shows our score %, correct/total, a 95% CI (Wilson by default), the published
 score, the difference in percentage points and a flag (⚑ / $^\\dagger$) when the published value lies
-outside our CI. Normalised scores (score / base score of the same model and task) are recomputed
+outside our CI. With seed replicates (`results/raw/<model>/<method>/<task>.seed<k>.json`, the
+workflow's `seeds`) correct/total are pooled over the seeds and the mean ± sd over seeds sits beside
+them. Every row but Base carries a paired comparison with the base model on the same documents
+(`t2eval.report.stats`): Δbase with a paired bootstrap 95% CI (documents resampled; a document's
+outcome averaged over seeds) and the exact McNemar p (with several seeds: the largest per-seed p);
+`*` marks a difference significant at 5% (in every seed). Cells scored on other documents than the
+base cell (e.g. few-shot rows on `fewshot_test`) get no paired test and say so. Normalised scores (score / base score of the same model and task) are recomputed
 from the raw counts — never copied from the paper's printed ratios (PROTOCOL §7). Cells not run yet
 are shown as missing ("—"), never as 0.
 
@@ -31,7 +37,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..constants import TASK_LABELS, TRAIN_TASKS, UNSEEN_TASKS
 from ..errors import T2EvalError
-from ..results import collect, index
+from ..results import collect, index, replicates
+from . import stats
 from .cli import TablesConfig, add_config_arguments, select_models, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -144,11 +151,68 @@ def _published(pub, table, model, method, task, metric=None):
     return published_value(table, model, method, task, metric=metric, df=pub)
 
 
+REPORTED_SET = "reported_set"
+
+
+def alpha_selected_on_reported_set(cell: Mapping[str, Any]) -> bool:
+    """Whether a few-shot cell's α was chosen on the set it reports (`provenance.alpha_selection`, the
+    label or the rule name of t2eval.adapt.cem; the release protocol does so)."""
+    from ..adapt.cem import SELECTION_LABELS
+
+    sel = (cell.get("provenance") or {}).get("alpha_selection")
+    return sel in (REPORTED_SET, SELECTION_LABELS[REPORTED_SET])
+
+
+def _seed_tag(cell: Mapping[str, Any]) -> str:
+    return "first" if cell.get("_seed") is None else str(cell["_seed"])
+
+
+def seed_fields(reps: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | None,
+                is_base: bool) -> dict[str, Any]:
+    """Seed statistics of one table entry (its cell of every seed) and the paired comparison with the
+    base cell on the same documents."""
+    scores = [100 * c["correct"] / c["total"] for c in reps]
+    mean, sd = stats.seed_mean_sd(scores)
+    out: dict[str, Any] = {"n_seeds": len(reps), "seeds": ";".join(_seed_tag(c) for c in reps),
+                           "seed_scores_pct": ";".join(f"{x:.6g}" for x in scores),
+                           "seed_mean_pct": mean, "seed_sd_pct": sd,
+                           "alpha_selection": next(((c.get("provenance") or {}).get("alpha_selection")
+                                                    for c in reps if (c.get("provenance") or {}).get("alpha_selection")),
+                                                   None)}
+    if is_base or base is None:
+        return out
+    if any(c["split"] != base["split"] for c in reps):
+        out["paired_note"] = f"no paired test: scored on {reps[0]['split']}, base on {base['split']}"
+        return out
+    try:
+        pairs = [stats.paired(base, c) for c in reps]
+    except ValueError:
+        out["paired_note"] = "no paired test: not the base cell's documents"
+        return out
+    tests = [stats.mcnemar_exact(a, b) for a, b, _ in pairs]
+    base_outcomes = pairs[0][0]
+    ours = [sum(p[1][i] for p in pairs) / len(pairs) for i in range(len(base_outcomes))]
+    diff, lo, hi = stats.paired_bootstrap_ci(base_outcomes, ours)
+    out.update(base_n01=sum(t.n01 for t in tests), base_n10=sum(t.n10 for t in tests),
+               mcnemar_p=max(t.p_value for t in tests), mcnemar_p_seeds=";".join(f"{t.p_value:.6g}" for t in tests),
+               diff_base_pp=100 * diff, diff_base_ci_low_pp=100 * lo, diff_base_ci_high_pp=100 * hi,
+               significant=all(t.significant for t in tests))
+    return out
+
+
+SEED_FIELDS = ("n_seeds", "seeds", "seed_scores_pct", "seed_mean_pct", "seed_sd_pct", "alpha_selection",
+               "base_n01", "base_n10", "mcnemar_p", "mcnemar_p_seeds", "diff_base_pp", "diff_base_ci_low_pp",
+               "diff_base_ci_high_pp", "significant", "paired_note")
+
+
 def score_entries(table: str, cells: Iterable[Mapping[str, Any]], models: Sequence[str], pub=None,
                   ci: str = "wilson") -> list[dict[str, Any]]:
-    """One dict per (model, row, task) of a score table ("1", "2", "4", "5", "9")."""
+    """One dict per (model, row, task) of a score table ("1", "2", "4", "5", "9"); a row's correct/total
+    are pooled over its seed replicates (the first seed's cell decides which cell a row reads)."""
     spec = TABLES[table]
+    cells = list(cells)
     idx = index(cells)
+    reps_of = replicates(cells)
     out = []
     for model in models:
         base_rows = {t: idx.get((model, "base", t)) for t in spec["tasks"]}
@@ -161,7 +225,8 @@ def score_entries(table: str, cells: Iterable[Mapping[str, Any]], models: Sequen
                                      "score_pct": None, "ci_low_pct": None, "ci_high_pct": None, "ci": ci,
                                      "published_pct": None, "diff_pp": None, "outside_ci": None,
                                      "published_implied_correct": None, "norm": None, "published_norm": None,
-                                     "base_correct": None, "base_total": None, "path": None}
+                                     "base_correct": None, "base_total": None, "path": None,
+                                     **{f: None for f in SEED_FIELDS}}
                 pubv = _published(pub, spec["published"], model, pmethod, task)
                 pub_base = _published(pub, spec["published"], model, "base", task)
                 if pub_base is None and pub is not None:  # e.g. Table 9 has no base row: use Table 1's
@@ -170,9 +235,11 @@ def score_entries(table: str, cells: Iterable[Mapping[str, Any]], models: Sequen
                 if pubv is not None and pub_base:
                     e["published_norm"] = pubv / pub_base
                 if cell is not None:
-                    k, n = cell["correct"], cell["total"]
+                    reps = reps_of.get((model, cell["method"], task)) or [cell]
+                    k, n = sum(c["correct"] for c in reps), sum(c["total"] for c in reps)
+                    e.update(seed_fields(reps, base_rows.get(task), pmethod == "base"))
                     if ci == "bootstrap":
-                        lo, hi = bootstrap_ci([s["correct"] for s in cell["per_sample"]])
+                        lo, hi = bootstrap_ci([s["correct"] for c in reps for s in c["per_sample"]])
                     else:
                         lo, hi = wilson_ci(k, n)
                     e.update(status="ok", metric=cell["metric"], split=cell["split"], correct=k, total=n,
@@ -276,13 +343,35 @@ def _ours(e) -> str:
     if e["status"] != "ok":
         return MISSING
     s = f"{e['score_pct']:.2f} ({e['correct']}/{e['total']}) [{e['ci_low_pct']:.1f}, {e['ci_high_pct']:.1f}]"
+    if e.get("n_seeds") and e["n_seeds"] > 1:
+        s += f" {e['seed_mean_pct']:.2f}±{e['seed_sd_pct']:.2f} ({e['n_seeds']} seeds)"
     if e["norm"] is not None and e["method"] != "base":
         s += f" ×{e['norm']:.2f}"
+    if e.get("mcnemar_p") is not None:
+        s += (f" Δbase {_f(e['diff_base_pp'], sign=True)} [{_f(e['diff_base_ci_low_pp'], 1, True)}, "
+              f"{_f(e['diff_base_ci_high_pp'], 1, True)}] p={_p(e['mcnemar_p'])}" + (" *" if e["significant"] else ""))
     if e["source_method"] != e["method"] and e["method"] != "base":
         s += f" ({e['source_method']})"
     if e["split"] and e["split"] != "test":
         s += f" [{e['split']}]"
     return s
+
+
+def _p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+REPORTED_SET_MARK = "‡"
+REPORTED_SET_NOTE = (f"{REPORTED_SET_MARK} α selected on the reported set (the release's few-shot rule: the "
+                     f"reported score also chose α, so it is optimistic).")
+
+
+def row_label(label: str, entries: Sequence[Mapping[str, Any]]) -> str:
+    """The row label, marked when a cell of the row had its α selected on the reported set."""
+    from ..adapt.cem import SELECTION_LABELS
+
+    on_reported = any(e.get("alpha_selection") in (REPORTED_SET, SELECTION_LABELS[REPORTED_SET]) for e in entries)
+    return f"{label} {REPORTED_SET_MARK} (α selected on the reported set)" if on_reported else label
 
 
 def _paper(e) -> str:
@@ -308,7 +397,10 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 LEGEND = ("Each cell: ours = score % (correct/total) [95% CI] ×normalised (score / base score of the same "
           "model and task, recomputed from the raw counts); paper = published score ×normalised "
           "(recomputed from published scores) Δ ours − paper in points; ⚑ = published value outside our CI; "
-          f"{MISSING} = not run yet.")
+          f"{MISSING} = not run yet. With several seeds: correct/total pooled over the seeds, then mean±sd of the "
+          "seeds' scores. Δbase = ours − base on the same documents in points [paired bootstrap 95% CI] "
+          f"p = {stats.TEST_NAME} (several seeds: the largest p over seeds); * = significant at 5% "
+          "(in every seed).")
 
 
 def render_score_md(table: str, entries: list[dict[str, Any]], models: Sequence[str], protocol: str | None = None) -> str:
@@ -322,12 +414,15 @@ def render_score_md(table: str, entries: list[dict[str, Any]], models: Sequence[
             header += [f"{TASK_LABELS.get(t, t)} ours", f"{TASK_LABELS.get(t, t)} paper"]
         rows = []
         for label, _, _ in spec["rows"]:
-            r = [label]
+            row_ents = [x for x in ents if x["row"] == label]
+            r = [row_label(label, row_ents)]
             for t in spec["tasks"]:
-                e = next(x for x in ents if x["row"] == label and x["task"] == t)
+                e = next(x for x in row_ents if x["task"] == t)
                 r += [_ours(e), _paper(e)]
             rows.append(r)
         parts += [_md_table(header, rows), ""]
+        if any(r[0].endswith("(α selected on the reported set)") for r in rows):
+            parts += [REPORTED_SET_NOTE, ""]
         if not any(e["published_pct"] is not None for e in ents):
             parts += ["(no published numbers for this model)", ""]
     return "\n".join(parts)
@@ -346,7 +441,10 @@ def render_score_tex(table: str, entries: list[dict[str, Any]], models: Sequence
     lines = [r"% generated by `t2eval tables`; needs \usepackage{booktabs}",
              r"\begin{table}[t]", r"\centering", r"\small",
              r"\caption{" + _tex_escape(spec["title"]) + f" (protocol: {protocol or '--'})" + r". Ours: score \% (95\% CI); in parentheses the "
-             r"published score; $^\dagger$: published value outside our CI; -- : not run.}",
+             r"published score; $^\dagger$: published value outside our CI; -- : not run. With several seeds: "
+             r"pooled over seeds, mean$\pm$sd of the seeds' scores. $^*$: differs from the base model on the same "
+             r"documents at 5\% (" + _tex_escape(stats.TEST_NAME) + r"; several seeds: in every seed); "
+             r"$^\ddagger$: $\alpha$ selected on the reported set.}",
              r"\label{tab:t2eval-" + table + "}",
              r"\begin{tabular}{l" + "c" * len(tasks) + "}", r"\toprule",
              "Method & " + " & ".join(_tex_escape(TASK_LABELS.get(t, t)) for t in tasks) + r" \\"]
@@ -359,12 +457,17 @@ def render_score_tex(table: str, entries: list[dict[str, Any]], models: Sequence
                 e = next(x for x in entries if x["model"] == model and x["row"] == label and x["task"] == t)
                 if e["status"] == "ok":
                     c = f"{e['score_pct']:.2f} {{\\scriptsize[{e['ci_low_pct']:.1f}, {e['ci_high_pct']:.1f}]}}"
+                    if e.get("n_seeds") and e["n_seeds"] > 1:
+                        c += f" {{\\scriptsize {e['seed_mean_pct']:.2f}$\\pm${e['seed_sd_pct']:.2f}}}"
+                    if e.get("significant"):
+                        c += r"$^*$"
                 else:
                     c = "--"
                 if e["published_pct"] is not None:
                     c += f" ({e['published_pct']:.2f})" + (r"$^\dagger$" if e["outside_ci"] else "")
                 cells.append(c)
-            lines.append(_tex_escape(label) + " & " + " & ".join(cells) + r" \\")
+            mark = r"$^\ddagger$" if row_label(label, [x for x in entries if x["model"] == model and x["row"] == label]) != label else ""
+            lines.append(_tex_escape(label) + mark + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     return "\n".join(lines)
 
@@ -437,7 +540,9 @@ def write_tables(cells: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
         else:
             ms = models_for(name, cells, models, pub)
             ents = score_entries(name, cells, ms, pub, ci=ci)
-        proto = table_protocol(name, [by_path[e["path"]] for e in ents if e.get("path") in by_path])
+        reps_of = replicates(cells)
+        proto = table_protocol(name, [c for e in ents if e.get("path") in by_path
+                                      for c in reps_of.get((e["model"], by_path[e["path"]]["method"], e["task"]), [])])
         for e in ents:
             e["protocol"] = cell_protocol(by_path[e["path"]]) if e.get("path") in by_path else None
         if name == "3":

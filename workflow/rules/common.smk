@@ -31,11 +31,14 @@ FIGURES = [
     "results/figures/fig7_alpha.png",
 ]
 
-# '+' appears in method names (svf-mlp+attn); tasks and models never contain '/'
+# '+' appears in method names (svf-mlp+attn); models never contain '/'; task keys are [a-z0-9_]
+# (so <task>.json and <task>.seed<k>.json never match each other's rule); {seed}: a further seed's
+# artefacts and cells (t2eval.plan: the first seed keeps the single-seed layout)
 wildcard_constraints:
     model="[^/]+",
     method="[^/]+",
-    task="[^/]+",
+    task="[a-z0-9_]+",
+    seed="[0-9]+",
     targets="mlp|attn|mlp\\+attn",
     svf_variant="|".join(map(re.escape, P.SVF_VARIANTS)),
     lora_variant="|".join(map(re.escape, P.LORA_VARIANTS)),
@@ -66,8 +69,9 @@ def model_opt(model, key):
 
 
 def stage_cmd(stage):
-    """Input function of params.cmd: the job's `t2eval <stage> ...` line, built by t2eval.plan from the
-    config and the job's wildcards (flags rendered by the stage's own option dataclass)."""
+    """Input function of params.cmd: the job's `T2EVAL_PROTOCOL=<p> t2eval <stage> ...` line, built by
+    t2eval.plan from the config and the job's wildcards (flags rendered by the stage's own option
+    dataclass; the protocol prefix from the config's protocol/protocol_overrides)."""
 
     def cmd(wildcards):
         return P.stage_shell(CFG, stage, **dict(wildcards.items()))

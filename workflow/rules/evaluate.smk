@@ -1,15 +1,16 @@
-# One result cell = one file: results/raw/{model}/{method}/{task}.json
+# One result cell = one file: results/raw/{model}/{method}/{task}.json (the first seed),
+# results/raw/{model}/{method}/{task}.seed{seed}.json (each further seed, evaluate_seed)
 
 
 def cell_inputs(wildcards):
-    return P.cell_spec(CFG, wildcards.model, wildcards.method, wildcards.task).inputs
+    return P.cell_spec(CFG, wildcards.model, wildcards.method, wildcards.task, wildcards.get("seed")).inputs
 
 
 rule evaluate:
     input:
         unpack(cell_inputs),
     output:
-        "results/raw/{model}/{method}/{task}.json",
+        P.cell_path("{model}", "{method}", "{task}"),
     params:
         cmd=stage_cmd("evaluate"),
     log:
@@ -25,3 +26,12 @@ rule evaluate:
         ENV
     shell:
         THREADS + " {params.cmd} 2> {log}"
+
+
+use rule evaluate as evaluate_seed with:
+    output:
+        P.cell_path("{model}", "{method}", "{task}", "{seed}"),
+    log:
+        "logs/evaluate/{model}/{method}/{task}.seed{seed}.log",
+    benchmark:
+        "logs/bench/evaluate/{model}/{method}/{task}.seed{seed}.tsv",

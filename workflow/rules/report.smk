@@ -22,9 +22,11 @@ rule tables:
 
 
 def figure_inputs(wildcards):
-    alphas = [P.fewshot_alpha(m, t) for m in CFG["models"] for t in CFG["fewshot"]["tasks"]
+    # every seed's α and SVF training logs (Figure 4: one learning curve per seed plus the mean)
+    tags = [P.seed_tag(CFG, k) for k in P.seeds(CFG)]
+    alphas = [P.fewshot_alpha(m, t, seed=s) for s in tags for m in CFG["models"] for t in CFG["fewshot"]["tasks"]
               if "t2-fewshot" in CFG["evaluate"]["methods"]]
-    experts = [P.svf_expert(m, t) for m in CFG["models"] for t in CFG["train_svf"]["tasks"]]
+    experts = [P.svf_expert(m, t, seed=s) for s in tags for m in CFG["models"] for t in CFG["train_svf"]["tasks"]]
     return {"cells": [c.path for c in CELLS], "experts": experts, "alphas": alphas}
 
 
