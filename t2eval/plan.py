@@ -265,7 +265,8 @@ def stage_values(cfg: Mapping[str, Any], stage: str, **wc: str) -> dict[str, Any
         v = {"model": model_dir(model), "svd": svd_path(model, targets or cfg["svd"]["targets"]), "task": wc["task"],
              "out": out, "data_dir": data, "objective": objective, **stage_options(cfg, "train_svf"),
              "seed": seed, "backend": model_setting(cfg, model, "backend"),
-             "dtype": model_setting(cfg, model, "dtype"), "device": cfg["device"]}
+             "dtype": model_setting(cfg, model, "dtype"), "device": cfg["device"],
+             "svf_precision": cfg["svf_precision"]}
         if "kl" in wc:
             v["kl_coef"] = float(wc["kl"])
         return v
@@ -285,7 +286,8 @@ def stage_values(cfg: Mapping[str, Any], stage: str, **wc: str) -> dict[str, Any
                 "out": os.path.dirname(fewshot_alpha(model, wc["task"], source, tag)), "data_dir": data,
                 **stage_options(cfg, "fewshot"), "seed": seed, "backend": model_setting(cfg, model, "backend"),
                 "dtype": model_setting(cfg, model, "dtype"), "device": cfg["device"],
-                "allow_code_execution": cfg["allow_code_execution"], "allow_cross_model": source is not None}
+                "allow_code_execution": cfg["allow_code_execution"], "allow_cross_model": source is not None,
+                "svf_precision": cfg["svf_precision"], "reported_limit": cfg["evaluate"]["limit"]}
     if stage == "evaluate":
         return _evaluate_values(cfg, model, wc["method"], wc["task"], tag)
     if stage in ("tables", "figures"):

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 42,
     "seeds": None,          # None: [seed]; see seeds() and the schema
     "protocol": DEFAULT_PROTOCOL,
+    "svf_precision": "fp32",
     "protocol_overrides": {},
     "data": {"dir": "data", "mirror": None},
     "svd": {"targets": "mlp", "layers": "all"},

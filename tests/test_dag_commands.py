@@ -24,8 +24,10 @@ ENV_PREFIX = ("OMP_NUM_THREADS=", "MKL_NUM_THREADS=", "HF_ALLOW_CODE_EVAL=", "T2
 def dry_run_commands(config: str, workdir: Path) -> list[tuple[str, str]]:
     """(rule, shell command) of every job `snakemake -n -p` plans for `config`."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
+    files = ["paper", "paper-kl-sweep"] if config == "paper-kl-sweep" else [config]  # the sweep is an overlay
     r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--cores", "2", "-s", str(REPO / "Snakefile"),
-                        "-d", str(workdir), "--configfile", str(REPO / "workflow" / "config" / f"{config}.yaml")],
+                        "-d", str(workdir), "--configfile",
+                        *[str(REPO / "workflow" / "config" / f"{f}.yaml") for f in files]],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     jobs, rule = [], None
@@ -61,7 +63,7 @@ def parse_or_fail(rule: str, cmd: str):
                     f"  {cmd}")
 
 
-@pytest.mark.parametrize("config", ["paper", "default", "micro"])
+@pytest.mark.parametrize("config", ["paper", "paper-kl-sweep", "default", "micro"])
 def test_every_dag_command_parses(config, tmp_path):
     jobs = dry_run_commands(config, tmp_path)
     assert jobs
@@ -69,12 +71,15 @@ def test_every_dag_command_parses(config, tmp_path):
     rules = {rule for rule, _, _ in parsed}
     assert {"prepare_model", "prepare_data", "decompose", "train_svf", "train_lora", "fit_fewshot", "evaluate",
             "tables", "figures"} <= rules
+    if config == "paper-kl-sweep":
+        assert {"train_svf_kl", "select_kl"} <= rules
     if config == "paper":  # Table 5: few-shot α of Mistral over Llama's experts
         xfer = [ns for rule, _, ns in parsed if rule == "fit_fewshot_cross_model"]
         assert len(xfer) == 3 and all(ns.allow_cross_model and "llama3-8b/svf" in ns.experts for ns in xfer)
         own = [ns for rule, _, ns in parsed if rule == "fit_fewshot"]
         assert own and not any(ns.allow_cross_model for ns in own)
-        assert {"train_svf_kl", "select_kl"} <= rules
+        assert "train_svf_kl" not in rules  # as released: λ = 0, one run (the sweep is paper-kl-sweep.yaml)
+        assert {"train_svf_seed", "fit_fewshot_seed", "evaluate_seed"} <= rules  # seeds [42, 43, 44]
 
 
 def test_a_flag_the_subcommand_lacks_fails_naming_the_rule():

@@ -92,9 +92,16 @@ def test_paper_dag_plans_without_the_hub():
     r = _dry_run("--configfile", "workflow/config/paper.yaml")
     assert r.returncode == 0, r.stderr[-3000:]
     c = snakemake_job_counts(r.stdout)
-    assert c["prepare_model"] == 3 and c["evaluate"] == len(P.cells(load(CONFIGS["paper"])))
+    assert c["prepare_model"] == 3 and c["evaluate"] + c["evaluate_seed"] == len(P.cells(load(CONFIGS["paper"])))
     assert c["fit_fewshot"] == 9 and c["fit_fewshot_cross_model"] == 3
-    # λ sweep {0, .1, .2, .3}: 4 runs per (model, task) expert + one selection each; Table 4 variants apart
+    # as released: λ = 0, one run per expert (11 = 3 models × 3 tasks + cls for the 8B models) + Table 4 variants;
+    # seeds [42, 43, 44]: the two further seeds re-run every trained or searched artefact
+    assert "train_svf_kl" not in c and c["train_svf"] == 14 and c["train_svf_seed"] == 2 * 14
+    assert c["fit_fewshot_seed"] == 2 * 9 and c["train_lora_seed"] == 2 * c["train_lora"]
+    # the paper's λ sweep {0, .1, .2, .3} is the named overlay: 4 runs per (model, task) expert + one selection each
+    r = _dry_run("--configfile", "workflow/config/paper.yaml", "workflow/config/paper-kl-sweep.yaml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = snakemake_job_counts(r.stdout)
     assert c["train_svf_kl"] == 4 * c["select_kl"] and c["select_kl"] == 11 and c["train_svf"] == 3
 
 
@@ -132,7 +139,10 @@ def test_workflow_defaults_hold_no_stage_options():
 
 
 def test_stage_argv():
-    cfg = load(CONFIGS["paper"])
+    from t2eval.workflow_config import deep_merge
+
+    sweep = yaml.safe_load((REPO / "workflow" / "config" / "paper-kl-sweep.yaml").read_text())
+    cfg = load(deep_merge(CONFIGS["paper"], sweep))  # Snakemake merges several --configfile files the same way
     xfer = P.stage_argv(cfg, "fit-fewshot", model="mistral-7b", task="math", source="llama3-8b")
     own = P.stage_argv(cfg, "fit-fewshot", model="mistral-7b", task="math")
     assert "--allow-cross-model" in xfer and "--allow-cross-model" not in own
