@@ -64,8 +64,8 @@ KNOBS: tuple[Knob, ...] = (
          "template", "§8 dispatch first pass; #8.5"),
     Knob("dispatch_other", "last_expert", "base",
          "\"other\" uses the base model",
-         "adapt/strategies.py second pass: questions classed \"other\" (release: the last expert loaded in the "
-         "order code, math, reasoning)", "§8 \"other\" at dispatch; #8.5"),
+         "lm.py second pass (adapt/dispatch.py other_expert): questions classed \"other\" (release: the last expert "
+         "loaded in the order code, math, reasoning)", "§8 \"other\" at dispatch; #8.5"),
     Knob("cls_split", "concatenated", "concatenated",
          "split 4:1 by index",
          "data/splits.py cls: i % 5 < 4 over the concatenated GSM8K-test + MBPP + ARC-Challenge list "
