@@ -14,9 +14,10 @@ and every knob's value, and tables refuse to mix protocols.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from .errors import T2EvalError
 
@@ -64,7 +65,7 @@ KNOBS: tuple[Knob, ...] = (
          "template", "§8 dispatch first pass; #8.5"),
     Knob("dispatch_other", "last_expert", "base",
          "\"other\" uses the base model",
-         "lm.py second pass (adapt/dispatch.py other_expert): questions classed \"other\" (release: the last expert "
+         "lm.py second pass (other_expert): questions classed \"other\" (release: the last expert "
          "loaded in the order code, math, reasoning)", "§8 \"other\" at dispatch; #8.5"),
     Knob("cls_split", "concatenated", "concatenated",
          "split 4:1 by index",
@@ -126,6 +127,22 @@ def env_overrides() -> dict[str, Any]:
     if not isinstance(over, dict):
         raise T2EvalError(f"${OVERRIDES_ENV_VAR} must be a JSON object of knob values, not {raw!r}")
     return over
+
+
+@contextlib.contextmanager
+def using(protocol: str | None, overrides: Mapping[str, Any] | None = None) -> Iterator[str]:
+    """`use(protocol, overrides)` for the duration of a block (one training run, one search), then the caller's
+    environment back. Overrides replace, not extend, any set in the environment."""
+    saved = {k: os.environ.get(k) for k in (ENV_VAR, OVERRIDES_ENV_VAR)}
+    try:
+        os.environ.pop(OVERRIDES_ENV_VAR, None) if overrides is not None else None
+        yield use(protocol, overrides)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def use(protocol: str | None, overrides: Mapping[str, Any] | None = None) -> str:

@@ -26,7 +26,6 @@ reported set or protocol knobs restart the search, see `cem.search_identity`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -118,23 +117,12 @@ def fit_fewshot(model: str, svd: str, experts: str | dict, task: str, out: str |
                     svf_precision=svf_precision, reported_limit=reported_limit, reported_docs=reported_docs)
 
 
-@contextlib.contextmanager
 def _protocol(protocol: str | None):
-    """`protocol.use(protocol)` for the duration of one search (every layer that reads the protocol
-    from the environment — task knobs, tokenisation — sees it), then the caller's environment back."""
-    import os
-
+    """`protocol.use(protocol)` for the duration of one search (every layer that reads the protocol from the
+    environment — task knobs, tokenisation — sees it), then the caller's environment back."""
     from .. import protocol as proto
 
-    saved = {k: os.environ.get(k) for k in (proto.ENV_VAR, proto.OVERRIDES_ENV_VAR)}
-    try:
-        yield proto.use(protocol)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return proto.using(protocol)
 
 
 def _fit(model, svd, ex, task, out, *, iterations, population, elite, init_std, per, normalise, seed, backend,

@@ -74,17 +74,8 @@ def apply_protocol(cfg: TrainConfig):
     from .. import protocol as P
 
     cfg = resolve_protocol(cfg)
-    saved = {v: os.environ.get(v) for v in (P.ENV_VAR, P.OVERRIDES_ENV_VAR)}
-    try:
-        os.environ.pop(P.OVERRIDES_ENV_VAR, None)
-        P.use(cfg.protocol, cfg.protocol_overrides)
+    with P.using(cfg.protocol, cfg.protocol_overrides or {}):
         yield cfg
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def protocol_record(cfg: TrainConfig) -> dict:
