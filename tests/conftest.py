@@ -13,6 +13,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_PROTOCOL_ENV = ("T2EVAL_PROTOCOL", "T2EVAL_PROTOCOL_OVERRIDES")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_protocol_env():
+    """Every test starts under the default protocol: building a `t2` model or calling `protocol.use` sets the
+    process's protocol (by design: the task layer must agree with the model), which must not leak into the
+    next test."""
+    saved = {k: os.environ.pop(k, None) for k in _PROTOCOL_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def mirror_dir() -> Path:
     return Path(os.environ.get("T2EVAL_DATA_MIRROR", REPO.parent / "shared" / "data"))
 

@@ -208,7 +208,7 @@ def test_oracle_strategy_is_one_class_and_one_registry_line(oracle, tiny, svd_pa
     cfg = {"models": ["m"], "evaluate": {"methods": ["base", "t2-oracle"], "train_tasks": ["gsm8k"],
                                          "unseen_tasks": ["math", "humaneval"], "dispatch": "generate"},
            "ablations": {"models": [], "methods": [], "tasks": []}, "cross_model": [],
-           "svd": {"targets": "mlp"}, "data": {"dir": "data"}}
+           "svd": {"targets": "mlp"}, "data": {"dir": "data"}, "seed": 42}
     assert [(c.method, c.task) for c in P.cells(cfg)] == [("base", "gsm8k"), ("base", "math"), ("base", "humaneval"),
                                                          ("t2-oracle", "math"), ("t2-oracle", "humaneval")]
     spec = P.cell_spec(cfg, "m", "t2-oracle", "math")
