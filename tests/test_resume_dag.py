@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 EXPERT = Path("experts/tiny-llama/svf/gsm8k")
 ITERATIONS = 4
 # the micro config with one SVF expert and the cells that use it
-OVERLAY = {"train_svf": {"tasks": ["gsm8k"], "cls": False, "iterations": ITERATIONS, "eval_every": 1},
+OVERLAY = {"train_svf": {"tasks": ["gsm8k"], "iterations": ITERATIONS, "eval_every": 1},
            "train_lora": {"tasks": ["gsm8k"]},
            "fewshot": {"tasks": []},
            "evaluate": {"methods": ["base", "svf"], "train_tasks": ["gsm8k"], "unseen_tasks": ["math"]}}

@@ -58,7 +58,11 @@ def test_smollm2_llava_language_model_is_smollm2(smollm2_dir, tmp_path):
     with torch.no_grad():
         a, b = vlm(input_ids=ids).logits, lm(input_ids=ids).logits
     assert a.shape[-1] == b.shape[-1] + 1  # + the <image> token
-    assert torch.equal(a[..., : b.shape[-1]], b)  # real SmolLM2 weights, bit-identical text path
+    # real SmolLM2 weights: the embeddings are bit-identical; the logits agree to float noise (the extra <image>
+    # row of the head changes the matmul's shape, hence BLAS's blocking, with the thread count)
+    v = b.shape[-1]
+    assert torch.equal(vlm.get_input_embeddings().weight[:v], lm.get_input_embeddings().weight)
+    assert torch.allclose(a[..., :v], b, atol=1e-3, rtol=1e-5), (a[..., :v] - b).abs().max()
     meta = json.loads((d / "t2eval_model.json").read_text())
     assert "reads the OCR tokens, not the pixels" in meta["note"]
     with torch.no_grad():
