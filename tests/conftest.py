@@ -74,3 +74,17 @@ def snakemake_job_counts(out: str) -> dict[str, int]:
             elif parts and parts[0] == "total":
                 break
     return counts
+
+
+def snakemake_shell_commands(stdout: str) -> list[tuple[str, str]]:
+    """(rule, shell command) of every job that `snakemake -n -p` prints."""
+    jobs, rule = [], None
+    for line in stdout.splitlines():
+        if line.startswith("rule ") and line.rstrip().endswith(":"):
+            rule = line.split()[1].rstrip(":")
+        elif line.startswith("Shell command: ") and rule is not None:
+            cmd = line[len("Shell command: "):].strip()
+            if cmd != "None":
+                jobs.append((rule, cmd))
+            rule = None
+    return jobs

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import snakemake_shell_commands
 
 from t2eval.cli import COMMANDS, subcommand_parser
 
@@ -30,16 +31,7 @@ def dry_run_commands(config: str, workdir: Path) -> list[tuple[str, str]]:
                         *[str(REPO / "workflow" / "config" / f"{f}.yaml") for f in files]],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    jobs, rule = [], None
-    for line in r.stdout.splitlines():
-        if line.startswith("rule ") and line.rstrip().endswith(":"):
-            rule = line.split()[1].rstrip(":")
-        elif line.startswith("Shell command: ") and rule is not None:
-            cmd = line[len("Shell command: "):].strip()
-            if cmd != "None":
-                jobs.append((rule, cmd))
-            rule = None
-    return jobs
+    return snakemake_shell_commands(r.stdout)
 
 
 def t2eval_argv(rule: str, cmd: str) -> tuple[str, list[str]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import snakemake_job_counts
+from conftest import snakemake_job_counts, snakemake_shell_commands
 
 from t2eval import plan as P
 from t2eval.results import collect
@@ -33,19 +33,6 @@ def _snakemake(workdir: Path, extra: dict, *args: str, timeout: int = 1500) -> s
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _shell_commands(stdout: str) -> list[tuple[str, str]]:
-    jobs, rule = [], None
-    for line in stdout.splitlines():
-        if line.startswith("rule ") and line.rstrip().endswith(":"):
-            rule = line.split()[1].rstrip(":")
-        elif line.startswith("Shell command: ") and rule is not None:
-            cmd = line[len("Shell command: "):].strip()
-            if cmd != "None":
-                jobs.append((rule, cmd))
-            rule = None
-    return jobs
-
-
 def test_two_seeds_plan_each_seeded_job_twice_under_the_protocol(tmp_path):
     extra = {"seeds": [42, 7], "protocol": "corrected", "protocol_overrides": {"arc_no_answer": "random"}}
     r = _snakemake(tmp_path, extra, "-n", "-p", timeout=300)
@@ -61,7 +48,7 @@ def test_two_seeds_plan_each_seeded_job_twice_under_the_protocol(tmp_path):
     assert (jobs["fit_fewshot"], jobs["fit_fewshot_seed"]) == (3, 3)
     assert (jobs["evaluate"], jobs["evaluate_seed"]) == (len(first), len(first) - n_base)
     assert (jobs["decompose"], jobs["prepare_model"], jobs["prepare_data"], jobs["tables"], jobs["figures"]) == (1,) * 5
-    cmds = _shell_commands(r.stdout)
+    cmds = snakemake_shell_commands(r.stdout)
     assert len(cmds) == sum(v for k, v in jobs.items() if k not in ("all", "total"))
     for rule, cmd in cmds:
         tokens = shlex.split(cmd)

@@ -42,6 +42,14 @@ def load_gguf(dtype: str = "float32"):
     return model, tok
 
 
+def make_greedy(model) -> None:
+    """Greedy generation by default (the protocol's decoding): no sampling settings saved with the model."""
+    model.generation_config.do_sample = False
+    for k in ("temperature", "top_p", "top_k"):
+        if hasattr(model.generation_config, k):
+            setattr(model.generation_config, k, None)
+
+
 def build_smollm2(out: str | Path, dtype: str = "float32") -> Path:
     """Write an HF directory (safetensors, tokenizer with chat template, generation config)."""
     from .. import provenance
@@ -52,10 +60,7 @@ def build_smollm2(out: str | Path, dtype: str = "float32") -> Path:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.config.dtype = dtype
-    model.generation_config.do_sample = False
-    for k in ("temperature", "top_p", "top_k"):
-        if hasattr(model.generation_config, k):
-            setattr(model.generation_config, k, None)
+    make_greedy(model)
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)

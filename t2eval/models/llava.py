@@ -90,12 +90,9 @@ def _seeded_(params, gen, std: float = 0.05) -> None:
 def _save(model, tok, proc, out: Path, meta: dict, data_files: dict | None = None) -> Path:
     """Written to ``<out>.partial`` with a provenance sidecar, then renamed: never half a model at `out`."""
     from .. import provenance
-    from .embedded import _replace_dir
+    from .embedded import _replace_dir, make_greedy
 
-    model.generation_config.do_sample = False
-    for k in ("temperature", "top_p", "top_k"):
-        if hasattr(model.generation_config, k):
-            setattr(model.generation_config, k, None)
+    make_greedy(model)
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp, safe_serialization=True)
     proc.save_pretrained(tmp)
