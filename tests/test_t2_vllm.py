@@ -301,7 +301,10 @@ def test_second_pass_interleaved_groups_keep_order(vlm, hf_ref, svd_cache, exper
     its own expert: equal to answering every request alone under that expert."""
     reqs = _gen_instances(hf_ref["contexts"][:4])
     chosen = {0: "math", 1: "other", 2: "code", 3: "math"}
-    with _configured(vlm, strategy="prompt", svd=svd_cache.path, **_experts_args(experts["random"])):
+    # "other" = base weights is the corrected protocol's rule (release: the last expert loaded; tested on HF in
+    # test_release_dispatch.py)
+    with _configured(vlm, strategy="prompt", svd=svd_cache.path, protocol="corrected",
+                     **_experts_args(experts["random"])):
         rec = vlm._t2_record("toy")
         out = vlm._t2_second_pass("generate_until", reqs, chosen, True, rec)
         alone = []
