@@ -239,6 +239,17 @@ def _finite(params: Sequence[torch.Tensor]) -> bool:
 
 
 # ------------------------------------------------------------------------------------ the loop
+def run_training(cfg, learner_cls, task=None) -> dict:
+    """Train (or resume) with `learner_cls` under cfg's protocol; `task` defaults to `load_task(cfg.task,
+    **cfg.task_options)`. The entry point of both trainers (`train_svf`, `train_lora`)."""
+    with apply_protocol(cfg) as cfg:  # the task, the loss inputs and the backends follow --protocol
+        check_config(cfg)
+        torch.manual_seed(cfg.seed)
+        if task is None:
+            task = load_task(cfg.task, **cfg.task_options)
+        return train(cfg, learner_cls(cfg), task)
+
+
 def train(cfg: TrainConfig, learner, task) -> dict:
     """Train (or resume, or just re-emit the outputs of) one run of `learner`; returns a summary.
 

@@ -160,9 +160,4 @@ class LoRALearner:
 
 def train_lora(cfg: LoRATrainConfig, task=None) -> dict:
     """Train (or resume) a LoRA adapter; returns a summary dict."""
-    with loop.apply_protocol(cfg) as cfg:  # the task, the loss inputs and the backends follow --protocol
-        loop.check_config(cfg)
-        torch.manual_seed(cfg.seed)
-        if task is None:
-            task = loop.load_task(cfg.task, **cfg.task_options)
-        return loop.train(cfg, LoRALearner(cfg), task)
+    return loop.run_training(cfg, LoRALearner, task)

@@ -160,9 +160,4 @@ def train_svf(cfg: SVFTrainConfig, task=None) -> dict:
 
     `task`: a task object (default: `get_task(cfg.task, **cfg.task_options)`).
     """
-    with loop.apply_protocol(cfg) as cfg:  # the task, the loss inputs and the backends follow --protocol
-        loop.check_config(cfg)
-        torch.manual_seed(cfg.seed)
-        if task is None:
-            task = loop.load_task(cfg.task, **cfg.task_options)
-        return loop.train(cfg, SVFLearner(cfg), task)
+    return loop.run_training(cfg, SVFLearner, task)
