@@ -60,26 +60,38 @@ def _peak_rss_mb(argv: list[str]) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["tiny", "embedded"])
-def test_estimates_match_measured_peak_memory(which, tiny_model, smollm2_dir, data_mirror, tmp_path):
-    model = tiny_model if which == "tiny" else smollm2_dir
+def test_estimates_match_measured_peak_memory(tiny_model, smollm2_dir, data_mirror, tmp_path):
+    """The plan's estimates against the peak RSS of real decompose/evaluate processes. The runtime part
+    (Python, torch, transformers, lm-eval) differs between hosts (decompose of the tiny model peaked at 238 MiB
+    on one and 326 MiB on another), so it is measured here on the tiny model, whose weights are negligible,
+    and the embedded model's estimate is checked with this host's runtime in place of the plan's constant."""
     cfg = dict(_micro(), dtype="float32", device="cpu")
     cfg["evaluate"] = dict(cfg["evaluate"], batch_size=2, max_new_tokens=8)
-    shape = R.model_shape(which, model)
     data = tmp_path / "data"
     subprocess.run([*T2EVAL, "prepare-data", "--out", str(data), "--mirror", str(data_mirror),
                     "--datasets", "arc_easy"], check=True, capture_output=True)
-    measured = {
-        "decompose": _peak_rss_mb([*T2EVAL, "decompose", "--model", str(model), "--out",
-                                   str(tmp_path / "svd.safetensors"), "--threads", "1"]),
-        "evaluate": _peak_rss_mb([*T2EVAL, "evaluate", "--model", str(model), "--method", "base", "--task",
-                                  "arc_easy", "--out", str(tmp_path / "cell.json"), "--limit", "2",
-                                  "--batch-size", "2", "--data-dir", str(data), "--gen-kwargs", "max_gen_toks=8"]),
-    }
-    for stage, got in measured.items():
-        est = R.estimate(cfg, stage, which, shape=shape, method="base").host_mb
-        print(f"{which} {stage}: estimated {est:.0f} MiB, measured peak RSS {got:.0f} MiB")
-        assert abs(est - got) <= 0.25 * got, (stage, est, got)
+
+    def measure(model):
+        return {
+            "decompose": _peak_rss_mb([*T2EVAL, "decompose", "--model", str(model), "--out",
+                                       str(tmp_path / "svd.safetensors"), "--threads", "1"]),
+            "evaluate": _peak_rss_mb([*T2EVAL, "evaluate", "--model", str(model), "--method", "base", "--task",
+                                      "arc_easy", "--out", str(tmp_path / "cell.json"), "--limit", "2",
+                                      "--batch-size", "2", "--data-dir", str(data), "--gen-kwargs",
+                                      "max_gen_toks=8"]),
+        }
+
+    runtime, got = measure(tiny_model), measure(smollm2_dir)
+    shape = R.model_shape("embedded", smollm2_dir)
+    for stage in ("decompose", "evaluate"):
+        # the plan's constant is a sane default: within a factor 1.5 of this host's runtime
+        assert runtime[stage] / 1.5 <= R.BASE_RSS_MB[stage] <= runtime[stage] * 1.5, (stage, runtime)
+        est = R.estimate(cfg, stage, "embedded", shape=shape, method="base").host_mb
+        est += runtime[stage] - R.BASE_RSS_MB[stage]
+        print(f"embedded {stage}: estimated {est:.0f} MiB (runtime here {runtime[stage]:.0f}, plan's "
+              f"{R.BASE_RSS_MB[stage]}), measured peak RSS {got[stage]:.0f} MiB")
+        assert got[stage] - runtime[stage] > 20, (stage, runtime, got)  # the model is visible in the peak
+        assert abs(est - got[stage]) <= 0.25 * got[stage], (stage, est, got[stage])
 
 
 def test_cli_table_and_errors(tmp_path):
