@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, ClassVar, Mapping
 
-from ..constants import EXPERT_NAMES, TRAIN_TASKS, UNSEEN_TASKS
+from ..constants import CATEGORY_OF_TASK, EXPERT_NAMES, TASK_OF_EXPERT, TRAIN_TASKS, UNSEEN_TASKS
 from ..errors import T2EvalError
 
 DISPATCH_MODES = ("generate", "logprob")
@@ -273,7 +273,9 @@ class SVFAdapter(Strategy):
     # Table 4: which trained artefact each SVF ablation row evaluates (all trained on GSM8K)
     ABLATION = {"svf-attn": ("svf-attn", "attn", "pg"), "svf-mlp+attn": ("svf-mlp+attn", "mlp+attn", "pg"),
                 "svf-ntp": ("svf-ntp", "attn", "ntp")}
-    methods = {"svf": "evaluate", **{m: "ablations" for m in ABLATION},
+    # svf-domain: on an unseen task, the expert of the task's category (ARC-Challenge -> the ARC-Easy
+    # reasoning expert): what a perfect first-pass dispatcher would load (Table 2's oracle row)
+    methods = {"svf": "evaluate", "svf-domain": "evaluate", **{m: "ablations" for m in ABLATION},
                "xfer-svf": "cross_model", "xfer-svf-shuffled": "cross_model"}
 
     def setup(self, bank):
@@ -283,6 +285,9 @@ class SVFAdapter(Strategy):
     def cells(cls, cfg, method, entry):
         if method == "svf":
             return [(method, t) for t in entry["train_tasks"]]
+        if method == "svf-domain":
+            return [(method, t) for t in entry["unseen_tasks"]
+                    if TASK_OF_EXPERT[CATEGORY_OF_TASK[t]] in cfg["train_svf"]["tasks"]]
         return super().cells(cfg, method, entry)
 
     @classmethod
@@ -290,8 +295,11 @@ class SVFAdapter(Strategy):
         from .. import plan as P
 
         args = spec.model_args
-        if method == "svf":
-            src = task if task in TRAIN_TASKS else "gsm8k"  # Table 4 row #1 on MATH: the GSM8K expert
+        if method in ("svf", "svf-domain"):
+            if method == "svf-domain":
+                src = TASK_OF_EXPERT[CATEGORY_OF_TASK[task]]
+            else:
+                src = task if task in TRAIN_TASKS else "gsm8k"  # Table 4 row #1 on MATH: the GSM8K expert
             svd = _svd(cfg, model)
             spec.inputs.update(svd=svd, expert=P.svf_expert(model, src))
             args.update(adapter=f"svf:{P.svf_expert(model, src)}", svd=svd)

@@ -114,7 +114,10 @@ TABLES: dict[str, dict[str, Any]] = {
                    ("LoRA (best of task-LoRAs)", "lora", best_of(*(f"lora-{t}" for t in TRAIN_TASKS))),
                    ("T2-Prompt", "t2-prompt", first_of("t2-prompt")),
                    ("T2-Cls-expert", "t2-cls", first_of("t2-cls")),
-                   ("T2-Few-shot", "t2-fewshot", first_of("t2-fewshot"))]},
+                   ("T2-Few-shot", "t2-fewshot", first_of("t2-fewshot")),
+                   ("SVF, the task's domain expert (oracle dispatch; not in the paper)", "svf-domain",
+                    first_of("svf-domain"))],
+          "optional": ("svf-domain",)},  # rows shown only for models that have their cells
     "4": {"title": "Table 4 — ablations (experts trained on GSM8K; MATH = zero-shot transfer)", "published": "T4",
           "tasks": ("gsm8k", "math"),
           "rows": [("#0 base", "base", first_of("base")),
@@ -217,6 +220,8 @@ def score_entries(table: str, cells: Iterable[Mapping[str, Any]], models: Sequen
     for model in models:
         base_rows = {t: idx.get((model, "base", t)) for t in spec["tasks"]}
         for label, pmethod, resolve in spec["rows"]:
+            if pmethod in spec.get("optional", ()) and all(resolve(idx, model, t)[0] is None for t in spec["tasks"]):
+                continue
             for task in spec["tasks"]:
                 cell, source = resolve(idx, model, task)
                 e: dict[str, Any] = {"table": f"T{table}", "model": model, "row": label, "method": pmethod,
@@ -415,6 +420,8 @@ def render_score_md(table: str, entries: list[dict[str, Any]], models: Sequence[
         rows = []
         for label, _, _ in spec["rows"]:
             row_ents = [x for x in ents if x["row"] == label]
+            if not row_ents:  # an optional row this model has no cells for
+                continue
             r = [row_label(label, row_ents)]
             for t in spec["tasks"]:
                 e = next(x for x in row_ents if x["task"] == t)
@@ -452,6 +459,8 @@ def render_score_tex(table: str, entries: list[dict[str, Any]], models: Sequence
         lines += [r"\midrule", r"\multicolumn{" + str(len(tasks) + 1) + "}{l}{\\textit{"
                   + _tex_escape(MODEL_LABELS.get(model, model)) + r"}} \\"]
         for label, _, _ in spec["rows"]:
+            if not any(x["model"] == model and x["row"] == label for x in entries):
+                continue  # an optional row this model has no cells for
             cells = []
             for t in tasks:
                 e = next(x for x in entries if x["model"] == model and x["row"] == label and x["task"] == t)
