@@ -55,12 +55,22 @@ def parse_or_fail(rule: str, cmd: str):
                     f"  {cmd}")
 
 
-@pytest.mark.parametrize("config", ["paper", "paper-kl-sweep", "default", "micro"])
+@pytest.mark.parametrize("config", ["paper", "paper-kl-sweep", "default", "micro", "cpu-study"])
 def test_every_dag_command_parses(config, tmp_path):
     jobs = dry_run_commands(config, tmp_path)
     assert jobs
     parsed = [(rule, *parse_or_fail(rule, cmd)) for rule, cmd in jobs]
     rules = {rule for rule, _, _ in parsed}
+    if config == "cpu-study":  # one expert (ARC-Easy), 3 seeds; ARC-Challenge scored with that expert
+        assert rules == {"prepare_model", "prepare_data", "decompose", "train_svf", "train_svf_seed", "evaluate",
+                         "evaluate_seed", "tables", "figures"}
+        evals = [ns for rule, _, ns in parsed if rule.startswith("evaluate")]
+        assert sorted((ns.method, ns.task) for ns in evals) == sorted(
+            [("base", "arc_easy"), ("base", "arc_challenge")] + 3 * [("svf", "arc_easy"), ("svf-domain", "arc_challenge")])
+        domain = sorted(ns.model_args for ns in evals if ns.method == "svf-domain")
+        assert [a.count("svf/arc_easy") for a in domain] == [1, 1, 1] and len(set(domain)) == 3  # one per seed
+        assert all(ns.limit == 400 for ns in evals)
+        return
     assert {"prepare_model", "prepare_data", "decompose", "train_svf", "train_lora", "fit_fewshot", "evaluate",
             "tables", "figures"} <= rules
     if config == "paper-kl-sweep":

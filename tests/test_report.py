@@ -12,7 +12,7 @@ import pytest
 from t2eval.errors import CorruptArtifactError, T2EvalError
 from t2eval.results import cell_path, collect, make_cell, read_cell, validate_cell, write_cell
 from t2eval.report.published import load_published, make_published, published_value
-from t2eval.report.tables import (best_of, score_entries, timing_entries, wilson_ci, write_tables,
+from t2eval.report.tables import (best_of, render_score_md, render_score_tex, score_entries, timing_entries, wilson_ci, write_tables,
                                   bootstrap_ci)
 from t2eval.report import figures
 
@@ -164,6 +164,22 @@ def test_table1_published_join_ci_flag_and_missing(tmp_path):
     assert r["status"] == "missing" and r["score_pct"] == "" and r["correct"] == ""
     tex = (out / "table1.tex").read_text()
     assert r"\toprule" in tex and r"\bottomrule" in tex and "75.89 {\\scriptsize[73.5, 78.1]} (75.89)" in tex
+
+
+def test_table2_optional_oracle_row_only_where_its_cells_exist(tmp_path):
+    raw = tmp_path / "raw"
+    put(raw, "llama3-8b", "base", "arc_challenge", 50, 100)
+    put(raw, "smollm2-135m", "base", "arc_challenge", 20, 100)
+    put(raw, "smollm2-135m", "svf-domain", "arc_challenge", 30, 100)
+    cells = collect(raw)
+    ents = score_entries("2", cells, ["llama3-8b", "smollm2-135m"], load_published())
+    assert not _by(ents, model="llama3-8b", method="svf-domain")
+    row = _by(ents, model="smollm2-135m", method="svf-domain", task="arc_challenge")[0]
+    assert row["correct"] == 30 and math.isclose(row["norm"], 1.5)
+    md = render_score_md("2", ents, ["llama3-8b", "smollm2-135m"])
+    assert md.count("oracle dispatch") == 1
+    tex = render_score_tex("2", ents, ["llama3-8b", "smollm2-135m"])
+    assert tex.count("oracle dispatch") == 1
 
 
 def test_table2_best_of_three_loras_and_normalised(tmp_path):
