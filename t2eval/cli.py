@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("t2eval.evaluate", "lm-eval run of the t2 model (base/LoRA/SVF/two-pass) -> one raw result cell"),
     "tables": ("t2eval.report.tables", "paper tables 1-5 (+9) from raw result cells, beside the published numbers"),
     "figures": ("t2eval.report.figures", "figures 4, 6, 7 (PNG + CSV) from training logs, dispatch fields and alpha files"),
+    "vlm-report": ("t2eval.report.vlm", "Figure 5 + the VLM table (VQA accuracy, base vs SVF/LoRA, paired tests) from raw cells"),
     "plan": ("t2eval.resources_plan", "--resources: estimated GPUs, peak GPU/host memory and disk per stage and model"),
     "protocol": ("t2eval.protocol", "the release / corrected protocol knobs: release value, corrected value, paper text, where used"),
 }

@@ -9,6 +9,8 @@
   may be fractions in [0, 1] (a document's correctness averaged over seed replicates).
 - `paired(cell_a, cell_b)`: the two cells' per-document outcomes aligned by doc_id (refuses cells
   scored on different documents).
+- `paired_permutation_p(a, b)`: two-sided paired sign-flip permutation test of mean(b) − mean(a), for
+  outcomes that are not 0/1 (VQA accuracy takes 0, .3, .6, .9, 1 per question), where McNemar does not apply.
 - `seed_mean_sd(scores)`: mean and sample standard deviation over seed replicates.
 """
 
@@ -78,6 +80,37 @@ def paired_bootstrap_ci(a: Sequence[Any], b: Sequence[Any], n_boot: int = 10000,
         means[s:s + m] = d[idx].mean(axis=1)
     lo_q = (1 - level) / 2
     return float(d.mean()), float(np.quantile(means, lo_q)), float(np.quantile(means, 1 - lo_q))
+
+
+PERMUTATION_TEST_NAME = "paired sign-flip permutation test of the mean difference (two-sided), p < 0.05"
+
+
+def paired_permutation_p(a: Sequence[Any], b: Sequence[Any], n_perm: int = 10000, seed: int = 0) -> float:
+    """Two-sided p-value of mean(b − a) under H0 "the two methods are exchangeable on each document":
+    every document's difference keeps or flips its sign with probability 1/2. Exact enumeration when at
+    most 16 documents differ, else `n_perm` seeded random sign flips (p counts the observed one, so p > 0)."""
+    import itertools
+
+    import numpy as np
+
+    xa = np.asarray([float(v) for v in a], dtype=float)
+    xb = np.asarray([float(v) for v in b], dtype=float)
+    if xa.shape != xb.shape:
+        raise ValueError(f"paired outcomes differ in length: {xa.size} vs {xb.size}")
+    d = (xb - xa)[xb != xa]
+    if d.size == 0:
+        return 1.0
+    obs = abs(d.sum()) - 1e-12 * max(1.0, abs(d).sum())  # ties with the observed sum count as extreme
+    if d.size <= 16:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+        return float(np.mean(np.abs(signs @ d) >= obs))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for s in range(0, n_perm, 1000):
+        m = min(1000, n_perm - s)
+        signs = rng.choice((1.0, -1.0), size=(m, d.size))
+        hits += int(np.sum(np.abs(signs @ d) >= obs))
+    return (hits + 1) / (n_perm + 1)
 
 
 def paired(cell_a: Mapping[str, Any], cell_b: Mapping[str, Any]) -> tuple[list[int], list[int], list[Any]]:
