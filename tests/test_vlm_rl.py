@@ -246,6 +246,30 @@ def test_training_batch_of_an_image_task(loaded):
     assert all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(extra.inputs, extra2.inputs))
 
 
+def test_doc_images_from_pil_path_or_bytes(tmp_path):
+    from t2eval.backends.hf_vlm import open_image
+    from t2eval.train.rollout import doc_image, is_image_task
+
+    row, png = generate_item("valid", 0, seed=0)
+    path = tmp_path / "a.png"
+    path.write_bytes(png)
+    ref = Image.open(io.BytesIO(png)).convert("RGB")
+    for src in (ref, str(path), path, png, ref.convert("RGBA")):
+        assert open_image(src).tobytes() == ref.tobytes()
+    with pytest.raises(T2EvalError, match="not found"):
+        open_image(tmp_path / "missing.png")
+    task = SynthVQA()
+    assert is_image_task(task) and doc_image(task, {"image": str(path)}) == str(path)
+    with pytest.raises(T2EvalError, match="has no image"):
+        doc_image(task, {"doc_id": "x"})
+
+    class OwnLoader(SynthVQA):  # a task with relative paths resolves them itself
+        def image(self, doc):
+            return open_image(tmp_path / doc["image"])
+
+    assert open_image(doc_image(OwnLoader(), {"image": "a.png"})).tobytes() == ref.tobytes()
+
+
 def test_generation_with_images_batched_equals_one_by_one(loaded, svd_path):
     from t2eval.backends import make_backend
 
@@ -264,6 +288,9 @@ def test_generation_with_images_batched_equals_one_by_one(loaded, svd_path):
         be.generate(prompts, max_new_tokens=1, images=imgs[:2])
     with pytest.raises(T2EvalError, match="exactly one image token"):
         be.generate([prompts[0] + IMAGE_TOKEN], max_new_tokens=1, images=imgs[:1])
+    text_only = make_backend("hf", None, model=model, tokenizer=processor.tokenizer, svd=svd)
+    with pytest.raises(T2EvalError, match="takes no images"):
+        text_only.generate(prompts, max_new_tokens=1, images=imgs)
 
 
 # ------------------------------------------------------------------------------------------ the learner
