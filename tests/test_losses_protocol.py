@@ -89,7 +89,8 @@ def test_pg_code_prompt_token_sequences(tok):
            for m in losses.PG_CODE_PROMPTS}
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731 (no BOS: SmolLM2)
     for mode, text in (("prefill_turn", turn), ("sampling_prompt", sampling)):
-        p_ids, c_ids, weights, rewards = got[mode]
+        p_ids, c_ids, weights, rewards, extra = got[mode]
+        assert extra is None  # a text task: no images
         assert p_ids == [ids(text)]
         assert p_ids[0] + c_ids[0] == ids(text + COMPLETION)
         assert tok.decode(c_ids[0]) == COMPLETION and weights == [1.0] and rewards == [1.0]
@@ -110,7 +111,7 @@ def test_pg_code_prompt_leaves_other_tasks_and_ntp_alone(tok):
     assert a == b and a[0] == [tok(gsm.prompt(tok, doc), add_special_tokens=False)["input_ids"]]
     mbpp = get_task("mbpp")  # next-token prediction scores the references after the sampling prompt
     for mode in losses.PG_CODE_PROMPTS:
-        p_ids, _, _, _ = loop.training_batch("ntp", tok, mbpp, [MBPP_DOC], None, None, pg_code_prompt=mode)
+        p_ids, _, _, _, _ = loop.training_batch("ntp", tok, mbpp, [MBPP_DOC], None, None, pg_code_prompt=mode)
         assert tok.decode(p_ids[0]).endswith("@@ Response:```python")
 
 
@@ -135,9 +136,9 @@ def test_loss_inputs_bos_double_under_release_single_under_corrected(llama_like)
     for name, n_bos in (("release", 2), ("corrected", 1)):
         cfg = loop.resolve_protocol(_svf_cfg(protocol=name))
         for objective in ("pg", "ntp"):
-            p_ids, c_ids, _, _ = loop.training_batch(objective, llama_like, task, docs, None,
-                                                     _canned(task, llama_like, docs, [" world"]),
-                                                     bos=cfg.bos, pg_code_prompt=cfg.pg_code_prompt)
+            p_ids, c_ids, _, _, _ = loop.training_batch(objective, llama_like, task, docs, None,
+                                                        _canned(task, llama_like, docs, [" world"]),
+                                                        bos=cfg.bos, pg_code_prompt=cfg.pg_code_prompt)
             assert p_ids == [[0] * n_bos + [2]], (name, objective)
             assert c_ids == [[3] + ([1] if objective == "ntp" else [])]  # + EOS for ntp
     # a prompt without the BOS text (the code template) gets one BOS under both

@@ -16,11 +16,12 @@ KINDS = ("hf", "vllm")
 
 def make_backend(kind: str, model_dir: str | Path | None = None, *, svd=None, dtype: str = "float32",
                  device: str = "cpu", batch_size: int = 16, seed: int = 0, model=None, tokenizer=None,
-                 bos: str | None = None, **engine_kwargs):
+                 bos: str | None = None, processor=None, **engine_kwargs):
     """A `base.Backend` of `kind`:
 
     * ``"hf"``: `hf.HFBackend` on `model_dir`, or on an already loaded `model` + `tokenizer` (the
-      training model itself, so rollouts see its current weights); `svd` a loaded SVD cache;
+      training model itself, so rollouts see its current weights); `svd` a loaded SVD cache; with a
+      `processor` (a vision-language model) `hf_vlm.HFVLMBackend`, which generates from (prompt, image) pairs;
     * ``"vllm"``: `vllm.VLLMBackend` started on `model_dir` (`svd`: a cache path or a loaded cache;
       `engine_kwargs` go to it, e.g. max_model_len, kv_cache_gib, swap_mode). `model`/`tokenizer`
       are not used: the engine loads its own copy (SVF swaps keep it in step), so a trainer can
@@ -34,6 +35,11 @@ def make_backend(kind: str, model_dir: str | Path | None = None, *, svd=None, dt
 
         if engine_kwargs:
             raise T2EvalError(f"backend hf takes no engine arguments ({', '.join(engine_kwargs)})")
+        if processor is not None:
+            from .hf_vlm import HFVLMBackend
+
+            return HFVLMBackend(model_dir, processor=processor, dtype=dtype, device=device, svd=svd, model=model,
+                                batch_size=batch_size, bos=bos)
         return HFBackend(model_dir, dtype=dtype, device=device, svd=svd, model=model, tokenizer=tokenizer,
                          batch_size=batch_size, bos=bos)
     if kind == "vllm":
@@ -41,5 +47,8 @@ def make_backend(kind: str, model_dir: str | Path | None = None, *, svd=None, dt
 
         if model_dir is None:
             raise T2EvalError("backend vllm starts its own engine: give the model directory")
+        if processor is not None:
+            raise T2EvalError("vLLM rollouts with images are not wired into the trainers: use backend hf for a "
+                              "vision-language model")
         return VLLMBackend(model_dir, dtype=dtype, svd=svd, seed=seed, bos=bos, **engine_kwargs)
     raise T2EvalError(f"unknown backend {kind!r}: use one of {', '.join(KINDS)}")

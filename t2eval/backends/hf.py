@@ -33,13 +33,15 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: str | torch.dev
 
 
 def completion_logits(forward: Callable, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                      pad_id: int, device="cpu"):
+                      pad_id: int, device="cpu", **inputs):
     """Logits predicting each completion token, for a batch of (prompt, completion) id lists.
 
     `forward(input_ids=, attention_mask=, position_ids=, logits_to_keep=)` is a causal LM call
     (a model, a peft model, or `torch.func.functional_call` around one). Returns
     (logits [B, C, V], targets [B, C], mask [B, C]) with C = the longest completion; completions
-    are right-aligned (left padding), so only the last C+1 positions need logits.
+    are right-aligned (left padding), so only the last C+1 positions need logits. `inputs`: further
+    forward arguments of the batch's rows, in row order (a vision-language model's pixel_values and
+    image_sizes, `hf_vlm.image_batch`).
     """
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     ids, mask, pos = left_pad(seqs, pad_id, device)
@@ -48,7 +50,7 @@ def completion_logits(forward: Callable, prompts: Sequence[Sequence[int]], compl
         b = len(seqs)
         return (torch.zeros(b, 0, 1, device=device), torch.zeros(b, 0, dtype=torch.long, device=device),
                 torch.zeros(b, 0, dtype=torch.bool, device=device))
-    out = forward(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=c_max + 1)
+    out = forward(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=c_max + 1, **inputs)
     logits = out.logits[:, -(c_max + 1):-1]  # position t predicts token t+1
     targets = ids[:, -c_max:]
     cmask = torch.zeros_like(targets, dtype=torch.bool)
@@ -70,7 +72,7 @@ def output_head(forward):
 
 
 def completion_token_logits(forward: Callable, prompts: Sequence[Sequence[int]],
-                            completions: Sequence[Sequence[int]], pad_id: int, device="cpu"):
+                            completions: Sequence[Sequence[int]], pad_id: int, device="cpu", **inputs):
     """Logits of the real completion tokens only, packed: (logits [N, V], targets [N], rows [N]).
 
     One left-padded forward for the body; the LM head then runs on the N = Σ_j |completion_j|
@@ -78,7 +80,7 @@ def completion_token_logits(forward: Callable, prompts: Sequence[Sequence[int]],
     needs (bench_svf_step's batch, completions of 64–256 tokens: 2164 instead of 2904 head
     positions with micro-batches of 4, 3344 with 8). The head is applied to the final (normed) hidden state; if that does not
     reproduce the model's own logits (a model that post-processes them, e.g. soft-capping), this
-    falls back to `completion_logits`.
+    falls back to `completion_logits`. `inputs`: further forward arguments, as in `completion_logits`.
     """
     head = output_head(forward)
     lens = [len(c) for c in completions]
@@ -90,7 +92,7 @@ def completion_token_logits(forward: Callable, prompts: Sequence[Sequence[int]],
     targets = ids[rows, cols + 1]
     if head is not None and rows.numel():
         out = forward(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
-                      output_hidden_states=True)
+                      output_hidden_states=True, **inputs)
         hs = getattr(out, "hidden_states", None)
         if hs:
             h = hs[-1]
@@ -98,7 +100,7 @@ def completion_token_logits(forward: Callable, prompts: Sequence[Sequence[int]],
                 same = torch.allclose(head(h[:, -1:]).float(), out.logits[:, -1:].float(), rtol=1e-4, atol=1e-4)
             if same:
                 return head(h[rows, cols]), targets, rows
-    logits, tgt, cmask = completion_logits(forward, prompts, completions, pad_id, device)
+    logits, tgt, cmask = completion_logits(forward, prompts, completions, pad_id, device, **inputs)
     return logits[cmask], tgt[cmask], rows
 
 
@@ -221,8 +223,9 @@ class HFBackend:
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] | None = None,
-                 temperature: float = 0.0, seed: int | None = None) -> list[Generation]:
-        encoded = [self.encode(p) for p in prompts]
+                 temperature: float = 0.0, seed: int | None = None, **inputs) -> list[Generation]:
+        """`inputs`: per-prompt inputs beyond the text (`hf_vlm.HFVLMBackend`: images=); none here."""
+        encoded, extra = self._prepare(prompts, **inputs)
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths together
         results: list[Generation | None] = [None] * len(prompts)
         rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
@@ -231,12 +234,20 @@ class HFBackend:
                 torch.manual_seed(seed)
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                outs = self._generate_batch([encoded[i] for i in idx], max_new_tokens, stop, temperature)
+                outs = self._generate_batch([encoded[i] for i in idx], max_new_tokens, stop, temperature,
+                                            **(extra(idx) if extra is not None else {}))
                 for i, g in zip(idx, outs):
                     results[i] = g
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, encoded, max_new_tokens, stop, temperature) -> list[Generation]:
+    def _prepare(self, prompts: Sequence[str], **inputs):
+        """(token ids per prompt, None | a function of a batch's prompt indices → its further forward arguments)."""
+        if inputs:
+            raise T2EvalError(f"the text backend takes no {', '.join(sorted(inputs))}: a vision-language model "
+                              "generates with hf_vlm.HFVLMBackend")
+        return [self.encode(p) for p in prompts], None
+
+    def _generate_batch(self, encoded, max_new_tokens, stop, temperature, **inputs) -> list[Generation]:
         from transformers import GenerationConfig
 
         pad = self.tokenizer.pad_token_id
@@ -249,7 +260,7 @@ class HFBackend:
                                temperature=temperature if sample else None, top_p=None, top_k=None)
         crit = StoppingCriteriaList([stop_criteria(self.tokenizer, ids.shape[1], stop)] if stop and any(stop) else [])
         out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg,
-                                  stopping_criteria=crit)
+                                  stopping_criteria=crit, **inputs)
         gens = []
         for row in out[:, ids.shape[1]:].tolist():
             end = next((k for k, t in enumerate(row) if t in self.eos_ids), None)

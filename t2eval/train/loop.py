@@ -22,6 +22,13 @@ ends by (re)writing the declared outputs (best state, log.jsonl; provenance.json
 from that checkpoint. So outputs deleted after an interruption (Snakemake's `--rerun-incomplete`
 deletes a job's outputs before re-running it) are always rewritten, bit-identical, even when the
 run had already finished.
+
+Vision-language models (issue 10): a learner on one has an `image_encoder`
+(`backends.hf_vlm.ImageEncoder`) and its backend generates with images; an image task
+(`rollout.ImageTask`: docs with an image, its own reward) then rolls out (prompt, image) pairs, and
+`training_batch` expands each prompt's image token and hands the loss the images of its sequences
+(`ImageSequences`), which the micro-batcher keeps aligned with the rows. Nothing else changes: the
+same checkpoint, resume and outputs.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import torch
 from ..constants import CLS_TASKS
 from ..errors import T2EvalError
 from .configs import KNOB_FIELDS, TrainConfig
-from .rollout import rollout
+from .rollout import doc_image, is_image_task, rollout
 from . import losses
 
 log = logging.getLogger(__name__)
@@ -108,14 +115,15 @@ def make_optimizer(params: Sequence[torch.Tensor], kind: str, lr: float, iterati
     raise T2EvalError(f"unknown optimizer {kind!r}: use adam (code) or adamw-cosine (paper)")
 
 
-def build_backend(kind: str, model, tokenizer, cfg, svd=None):
+def build_backend(kind: str, model, tokenizer, cfg, svd=None, processor=None):
     """The rollout/evaluation backend (`backends.make_backend`): HF shares the training model (rollouts see
-    its current weights); vLLM starts its own engine on the model directory."""
+    its current weights); vLLM starts its own engine on the model directory. With a `processor` (a
+    vision-language model) the HF backend generates from (prompt, image) pairs."""
     from ..backends import make_backend
 
     return make_backend(kind, cfg.model, svd=svd if kind == "hf" else getattr(cfg, "svd", None), dtype=cfg.dtype,
                         device=cfg.device, batch_size=max(cfg.micro_batch, 8), seed=cfg.seed,
-                        model=model, tokenizer=tokenizer)
+                        model=model, tokenizer=tokenizer, processor=processor)
 
 
 def load_task(key: str, **options):
@@ -167,21 +175,31 @@ def sample_batch(rng: np.random.RandomState, n_train: int, batch_size: int) -> l
 
 
 def training_batch(objective: str, tok, task, docs: list, family: str, policy_rollout, *, bos: str = "double",
-                   pg_code_prompt: str = "prefill_turn"):
-    """(prompt ids, completion ids, per-sequence weights, rewards) of one iteration's batch.
+                   pg_code_prompt: str = "prefill_turn", image_encoder=None):
+    """(prompt ids, completion ids, per-sequence weights, rewards, extra inputs) of one iteration's batch.
 
     pg: the current policy's rollouts (`policy_rollout()`), scored after `losses.pg_prompt` (the
     release: code completions after the pre-fill as an assistant turn), weighted r/B; ntp: the
     task's reference solutions (+EOS) after the sampling prompt, weighted for the mean token NLL.
-    Prompts are tokenised with the BOS rule `bos` (`losses.loss_inputs`)."""
+    Prompts are tokenised with the BOS rule `bos` (`losses.loss_inputs`). Extra inputs: None, or
+    for an image task the sequences' images (`image_encoder.encode`: image tokens expanded in the
+    prompt ids, an `ImageSequences` for `losses.sequence_loss_backward(extra_inputs=)`)."""
     if objective == "pg":
         ro = policy_rollout()
         prompts = [losses.pg_prompt(task, tok, d, p, family, pg_code_prompt) for d, p in zip(ro.docs, ro.prompts)]
-        p_ids, c_ids = losses.loss_inputs(tok, prompts, ro.completions, bos=bos)
-        return p_ids, c_ids, losses.pg_weights(ro.rewards, len(docs)), ro.rewards
-    prompts = [task.prompt(tok, d, family) for d in docs]
-    p_ids, c_ids = losses.loss_inputs(tok, prompts, [task.reference(d) for d in docs], bos=bos, append_eos=True)
-    return p_ids, c_ids, losses.ntp_weights(c_ids), []
+        completions, images = ro.completions, ro.images
+        weights, rewards = losses.pg_weights(ro.rewards, len(docs)), ro.rewards
+    else:
+        prompts = [task.prompt(tok, d, family) for d in docs]
+        completions = [task.reference(d) for d in docs]
+        images = [doc_image(task, d) for d in docs] if is_image_task(task) else None
+        weights, rewards = None, []
+    p_ids, c_ids = losses.loss_inputs(tok, prompts, completions, bos=bos, append_eos=objective == "ntp")
+    extra = None
+    if images is not None:
+        p_ids, extra = image_encoder.encode(p_ids, images)
+        c_ids = image_encoder.plain_completions(completions, c_ids)
+    return p_ids, c_ids, weights if weights is not None else losses.ntp_weights(c_ids), rewards, extra
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -262,6 +280,10 @@ def train(cfg: TrainConfig, learner, task) -> dict:
     ckpt_path, log_path = out / CHECKPOINT, out / LOG
     out.mkdir(parents=True, exist_ok=True)
     family = model_family(cfg.model)
+    image_encoder = getattr(learner, "image_encoder", None)
+    if is_image_task(task) and image_encoder is None:
+        raise T2EvalError(f"task {cfg.task} has images: {learner.stage} on {cfg.model} has no image inputs "
+                          "(train-svf on a vision-language model has)")
     train_docs, eval_docs, max_new = task_data(task, cfg)
     params = learner.params()
     opt, sched = make_optimizer(params, learner.optimizer, cfg.lr, cfg.iterations, cfg.weight_decay)
@@ -299,16 +321,16 @@ def train(cfg: TrainConfig, learner, task) -> dict:
                     return rollout(backend, task, docs, family=family, max_new_tokens=max_new,
                                    temperature=cfg.temperature)
 
-            p_ids, c_ids, weights, rewards = training_batch(cfg.objective, learner.tokenizer, task, docs, family,
-                                                            policy_rollout, bos=cfg.bos,
-                                                            pg_code_prompt=cfg.pg_code_prompt)
+            p_ids, c_ids, weights, rewards, extra = training_batch(
+                cfg.objective, learner.tokenizer, task, docs, family, policy_rollout, bos=cfg.bos,
+                pg_code_prompt=cfg.pg_code_prompt, image_encoder=image_encoder)
             times["rollout_s"] = time.perf_counter() - t0
 
             # --- loss + backward (micro-batched; gradients accumulate in the learner's tensors)
             t0 = time.perf_counter()
             for p in params:
                 p.grad = None
-            stats = learner.loss_backward(p_ids, c_ids, weights)
+            stats = learner.loss_backward(p_ids, c_ids, weights, extra_inputs=extra)
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

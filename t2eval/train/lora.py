@@ -128,11 +128,12 @@ class LoRALearner:
         self.model.eval()
         yield
 
-    def loss_backward(self, p_ids, c_ids, weights) -> dict[str, float]:
+    def loss_backward(self, p_ids, c_ids, weights, extra_inputs=None) -> dict[str, float]:
         self.model.train()  # LoRA dropout
         try:
             return losses.sequence_loss_backward(self.model, p_ids, c_ids, weights, pad_id=self.tokenizer.pad_token_id,
-                                                 micro_batch=self.cfg.micro_batch, device=self.cfg.device)
+                                                 micro_batch=self.cfg.micro_batch, device=self.cfg.device,
+                                                 extra_inputs=extra_inputs)
         finally:
             self.model.eval()
 

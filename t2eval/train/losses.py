@@ -9,6 +9,11 @@ attention masks, explicit position ids; `_micro_batches` caps the padding), call
 once per micro-batch so gradients accumulate in whatever leaves `forward` depends on (SVF: the
 composed weights W′; LoRA: the adapter weights).
 
+Inputs beyond the tokens (a vision-language model's images, issue 10): `extra_inputs(idx)` returns
+the forward arguments of the sequences `idx` in that order (`backends.hf_vlm.ImageSequences`); the
+micro-batcher calls it with each micro-batch's own (length-sorted) indices, so every row keeps its
+image, and the KL reference forward gets the same arguments.
+
 REINFORCE (PROTOCOL §3): w_j = r_j / B, k_j = 1 / B. Next-token prediction: w_j = 1 / (total
 completion tokens), i.e. the mean token NLL of the batch. The KL is over the full vocabulary,
 against `ref_forward` (the base model), per completion position:
@@ -125,11 +130,13 @@ def sequence_loss_backward(forward: Callable, prompt_ids: Sequence[Sequence[int]
                            pad_id: int, micro_batch: int = 8, device="cpu", kl_coef: float = 0.0,
                            kl_weights: Sequence[float] | None = None, ref_forward: Callable | None = None,
                            kl_direction: str = "code", backward: bool = True,
-                           max_pad_frac: float | None = None) -> dict[str, float]:
+                           max_pad_frac: float | None = None,
+                           extra_inputs: Callable[[list[int]], dict] | None = None) -> dict[str, float]:
     """Accumulate the gradient of the loss above; returns {loss, pg_loss, kl, n_tokens}.
 
     `pg_loss` = −Σ_j w_j Σ_t log π; `kl` = Σ_j k_j Σ_t KL (before λ); `loss` = pg_loss + λ·kl.
-    With `backward=False` nothing is differentiated (evaluation of the loss only).
+    With `backward=False` nothing is differentiated (evaluation of the loss only). `extra_inputs`:
+    sequence indices → further forward arguments of those rows (see the module doc).
     """
     if len(prompt_ids) != len(completion_ids) or len(prompt_ids) != len(weights):
         raise ValueError("prompt_ids, completion_ids and weights must have the same length")
@@ -145,10 +152,11 @@ def sequence_loss_backward(forward: Callable, prompt_ids: Sequence[Sequence[int]
         if not any(comps):
             continue
         prompts = [prompt_ids[i] for i in idx]
+        extra = extra_inputs(idx) if extra_inputs is not None else {}
         ctx = torch.enable_grad() if backward else torch.no_grad()
         with ctx:
             # logits of the real completion tokens only, packed [N, V]; rows[n] = sequence of token n
-            logits, targets, rows = completion_token_logits(forward, prompts, comps, pad_id, device)
+            logits, targets, rows = completion_token_logits(forward, prompts, comps, pad_id, device, **extra)
             logits = logits.float()
             w = torch.tensor([weights[i] for i in idx], dtype=logits.dtype, device=logits.device)[rows]
             if use_kl:
@@ -161,7 +169,7 @@ def sequence_loss_backward(forward: Callable, prompt_ids: Sequence[Sequence[int]
             kl = torch.zeros((), dtype=logits.dtype, device=logits.device)
             if use_kl:
                 with torch.no_grad():
-                    ref_logits, _, _ = completion_token_logits(ref_forward, prompts, comps, pad_id, device)
+                    ref_logits, _, _ = completion_token_logits(ref_forward, prompts, comps, pad_id, device, **extra)
                     ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
                 kwt = torch.tensor([kw[i] for i in idx], dtype=logits.dtype, device=logits.device)[rows]
                 kl = (token_kl(logp, ref_logp, kl_direction) * kwt).sum()

@@ -17,6 +17,12 @@ rollouts compose at the same precision (`svf.SVFPatcher(precision=)` on the shar
 vLLM engine composes the scales itself (recorded as `rollout_precision`). "fp32" (default) is fp32
 throughout.
 
+Vision-language models (issue 10, LLaVA-NeXT): the learner loads the processor too, the rollouts
+generate from (prompt, image) pairs and the loss gets each sequence's images (`loop`,
+`backends.hf_vlm`). Only language-model matrices are scaled: the SVD cache must have the language
+scope (its names all inside the language model, `svd.model_layout`), so the vision tower and the
+projector are never composed, patched or given gradients.
+
 Objective `ntp` (Table 4 row #4) replaces the rollouts by the task's reference solutions (+ EOS)
 and minimises their mean token NLL.
 
@@ -51,24 +57,47 @@ def _svf():
 
 
 def svf_policy_gradient(policy, prompt_ids, completion_ids, weights, *, pad_id: int, micro_batch: int = 8,
-                        kl_coef: float = 0.0, kl_direction: str = "code", device="cpu") -> dict[str, float]:
+                        kl_coef: float = 0.0, kl_direction: str = "code", device="cpu",
+                        extra_inputs=None) -> dict[str, float]:
     """Accumulate ∂loss/∂z into `policy.z` grads (policy: a `t2eval.svf.SVFModule`); returns the loss terms.
 
     W′(z) is composed once per step (`SVFModule.accumulate`); the batched micro-batch
     forwards/backwards accumulate ∂loss/∂W′, then one backward through W′(z) reaches z. The KL
-    reference is the wrapped model itself, which holds the base weights.
+    reference is the wrapped model itself, which holds the base weights. `extra_inputs`: the
+    sequences' further forward inputs (a VLM's images, `losses.sequence_loss_backward`).
     """
     with policy.accumulate():
         return losses.sequence_loss_backward(
             policy, prompt_ids, completion_ids, weights, pad_id=pad_id, micro_batch=micro_batch,
             device=device, kl_coef=kl_coef, ref_forward=policy.model if kl_coef > 0 else None,
-            kl_direction=kl_direction)
+            kl_direction=kl_direction, extra_inputs=extra_inputs)
 
 
 def z_stats(z: dict[str, torch.Tensor]) -> dict[str, float]:
     flat = torch.cat([v.detach().reshape(-1) for v in z.values()])
     return {"z_mean": float(flat.mean()), "z_std": float(flat.std()) if flat.numel() > 1 else 0.0,
             "z_min": float(flat.min()), "z_max": float(flat.max())}
+
+
+def vision_inputs(cfg: SVFTrainConfig, model, svd):
+    """(processor, `hf_vlm.ImageEncoder`) of a vision-language model, (None, None) for a text model.
+
+    Refuses an SVD cache with a matrix outside the language model (scope other than "language"):
+    SVF on a VLM scales language-model matrices only."""
+    from ..models.loading import is_vision_language, load_processor
+
+    if not is_vision_language(cfg.model):
+        return None, None
+    from ..backends.hf_vlm import ImageEncoder
+    from ..svd import model_layout
+
+    prefix = model_layout(cfg.model)["language_prefix"]
+    outside = [n for n in svd.names if not n.startswith(prefix + ".")]
+    if outside:
+        raise T2EvalError(f"SVD cache {cfg.svd} scales {outside[0]}, outside the language model ({prefix}): SVF on a "
+                          "vision-language model scales language-model matrices only; decompose with scope language")
+    processor = load_processor(cfg.model)
+    return processor, ImageEncoder(processor, dtype=model.dtype, device=cfg.device)
 
 
 class SVFLearner:
@@ -92,6 +121,9 @@ class SVFLearner:
         if missing:
             raise T2EvalError(f"SVD cache {cfg.svd} names {missing[0]} which {cfg.model} does not have: "
                               "decompose this model (t2eval decompose)")
+        self.processor, self.image_encoder = vision_inputs(cfg, model, self.svd)
+        if self.processor is not None:
+            self.tokenizer = self.processor.tokenizer
         self.model = model
         self.policy = svf.SVFModule(model, self.svd, svf.init_z(self.svd, cfg.seed), param=cfg.param,
                                     precision=cfg.svf_precision)
@@ -112,7 +144,7 @@ class SVFLearner:
                 self.z[n].copy_(state[n])
 
     def make_backend(self, cfg: SVFTrainConfig):
-        return loop.build_backend(cfg.backend, self.model, self.tokenizer, cfg, self.svd)
+        return loop.build_backend(cfg.backend, self.model, self.tokenizer, cfg, self.svd, processor=self.processor)
 
     @contextlib.contextmanager
     def generating(self, backend):
@@ -126,11 +158,11 @@ class SVFLearner:
         finally:
             swap(None)
 
-    def loss_backward(self, p_ids, c_ids, weights) -> dict[str, float]:
+    def loss_backward(self, p_ids, c_ids, weights, extra_inputs=None) -> dict[str, float]:
         c = self.cfg
         return svf_policy_gradient(self.policy, p_ids, c_ids, weights, pad_id=self.tokenizer.pad_token_id,
                                    micro_batch=c.micro_batch, kl_coef=c.kl_coef, kl_direction=c.kl_direction,
-                                   device=c.device)
+                                   device=c.device, extra_inputs=extra_inputs)
 
     def log_stats(self) -> dict[str, float]:
         return z_stats(self.z)
