@@ -26,6 +26,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/adapt.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/vlm.smk"
 
 
 # the cells are listed too: a deleted cell is then rebuilt (with the tables and figures made from it)
@@ -35,3 +36,4 @@ rule all:
         [c.path for c in CELLS],
         TABLES,
         FIGURES,
+        VLM_OUTPUTS,

@@ -130,8 +130,37 @@ def fewshot_alpha(model: str, task: str, source: str | None = None, seed: int | 
 def model_setting(cfg: Mapping[str, Any], model: str, key: str) -> Any:
     over = cfg.get("models_overrides", {}).get(model, {})
     if key == "svd_layers":
-        return over.get("svd_layers", cfg["svd"]["layers"])
+        default = cfg["vlm"]["svd_layers"] if is_vlm(cfg, model) else cfg["svd"]["layers"]
+        return over.get("svd_layers", default)
     return over.get(key, cfg[key])
+
+
+def is_vlm(cfg: Mapping[str, Any], model: str) -> bool:
+    """Whether `model` is one of the config's vision-language models (`vlm.models`)."""
+    return model in (cfg.get("vlm") or {}).get("models", ())
+
+
+def model_requires(model: str) -> list[str]:
+    """Markers of the prepared models `model`'s builder reads (the registry's `requires`: smollm2-llava is
+    built from the prepared smollm2-135m)."""
+    from .config import model_registry
+
+    spec = model_registry().get(model)
+    return [model_marker(m) for m in (spec.extra.get("requires", []) if spec else [])]
+
+
+def vlm_cells(cfg: Mapping[str, Any]) -> list[Cell]:
+    """The VLM experiment's cells (one seed): every vlm model x method x eval task."""
+    v = cfg.get("vlm") or {}
+    return [Cell(m, meth, t) for m in v.get("models", ()) for meth in v.get("methods", ()) for t in v.get("eval_tasks", ())]
+
+
+def vlm_datasets(cfg: Mapping[str, Any]) -> list[str]:
+    """The VQA datasets the config's VLM jobs read (its train task and eval tasks)."""
+    v = cfg.get("vlm") or {}
+    if not v.get("models"):
+        return []
+    return list(dict.fromkeys([v["train_task"], *v["eval_tasks"]]))
 
 
 def cls_task(cfg: Mapping[str, Any]) -> str:
@@ -172,6 +201,7 @@ def seed_cells(cfg: Mapping[str, Any]) -> list[Cell]:
         for m in ev["methods"]:
             if allowed is None or m in allowed:
                 out += [Cell(model, mm, t) for mm, t in S.strategy_of_method(m).cells(cfg, m, ev)]
+    out += vlm_cells(cfg)
     ab = cfg["ablations"]
     for model in ab["models"]:
         for m in ab["methods"]:
@@ -251,7 +281,12 @@ def stage_values(cfg: Mapping[str, Any], stage: str, **wc: str) -> dict[str, Any
         return {"model": cfg.get("model_paths", {}).get(model, model), "out": model_dir(model),
                 "dtype": model_setting(cfg, model, "dtype")}
     if stage == "prepare-data":
-        return {"mirror": cfg["data"]["mirror"], "out": data}
+        v = {"mirror": cfg["data"]["mirror"], "out": data}
+        if vlm_datasets(cfg):  # the LLM datasets (if any model needs them) + the VQA ones
+            from .data.datasets import SPECS
+
+            v["datasets"] = ",".join([*(SPECS if cfg["models"] else ()), *vlm_datasets(cfg)])
+        return v
     if stage == "decompose":
         return {"model": model_dir(model), "targets": wc["targets"], "layers": model_setting(cfg, model, "svd_layers"),
                 "out": svd_path(model, wc["targets"])}
@@ -262,8 +297,9 @@ def stage_values(cfg: Mapping[str, Any], stage: str, **wc: str) -> dict[str, Any
             variant = wc.get("svf_variant", "svf")
             targets, objective = SVF_VARIANTS[variant]
             out = os.path.dirname(svf_expert(model, wc["task"], variant, tag))
+        options = cfg["vlm"]["train_svf"] if is_vlm(cfg, model) else stage_options(cfg, "train_svf")
         v = {"model": model_dir(model), "svd": svd_path(model, targets or cfg["svd"]["targets"]), "task": wc["task"],
-             "out": out, "data_dir": data, "objective": objective, **stage_options(cfg, "train_svf"),
+             "out": out, "data_dir": data, "objective": objective, **options,
              "seed": seed, "backend": model_setting(cfg, model, "backend"),
              "dtype": model_setting(cfg, model, "dtype"), "device": cfg["device"],
              "svf_precision": cfg["svf_precision"]}
@@ -290,14 +326,15 @@ def stage_values(cfg: Mapping[str, Any], stage: str, **wc: str) -> dict[str, Any
                 "svf_precision": cfg["svf_precision"], "reported_limit": cfg["evaluate"]["limit"]}
     if stage == "evaluate":
         return _evaluate_values(cfg, model, wc["method"], wc["task"], tag)
-    if stage in ("tables", "figures"):
+    if stage in ("tables", "figures", "vlm-report"):
         return {}
     raise ValueError(f"no workflow job runs the stage {stage!r}")
 
 
 def _evaluate_values(cfg: Mapping[str, Any], model: str, method: str, task: str,
                      tag: int | str | None = None) -> dict[str, Any]:
-    ev = cfg["evaluate"]
+    ev = cfg["vlm"]["evaluate"] if is_vlm(cfg, model) else cfg["evaluate"]
+    ev = {"limit": None, "max_new_tokens": None, "batch_size": 8, **ev}
     spec = cell_spec(cfg, model, method, task, tag)
     args: dict[str, Any] = {"backend": model_setting(cfg, model, "backend"), "dtype": model_setting(cfg, model, "dtype"),
                             "device": cfg["device"], "batch_size": ev["batch_size"], **spec.model_args}

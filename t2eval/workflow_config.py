@@ -48,6 +48,9 @@ DEFAULTS: dict[str, Any] = {
     "allow_code_execution": False,
     "ablations": {"models": [], "methods": methods_of("ablations"), "tasks": ["gsm8k", "math"]},
     "cross_model": [],
+    # the VLM experiment (Figure 5): off unless vlm.models lists a model
+    "vlm": {"models": [], "train_task": "textvqa", "eval_tasks": ["textvqa", "okvqa"], "methods": ["base", "svf"],
+            "svd_layers": "half", "train_svf": {}, "evaluate": {"limit": None, "max_new_tokens": None, "batch_size": 8}},
     "resources": {
         "prepare": {"gpus": 0, "mem_mb": 32000, "runtime": 60, "threads": 4},
         "decompose": {"gpus": 0, "mem_mb": 64000, "runtime": 120, "threads": 8},
@@ -103,6 +106,13 @@ def load(user_cfg: Mapping[str, Any] | None, source: str = "config") -> dict[str
     cfg = deep_merge(DEFAULTS, user_cfg)
     validate(cfg, source)
     models = set(cfg["models"])
+    if not models and not cfg["vlm"]["models"]:
+        raise T2EvalError(f"invalid workflow configuration ({source}): models is empty and so is vlm.models; "
+                          f"list at least one model")
+    both = sorted(models & set(cfg["vlm"]["models"]))
+    if both:
+        raise T2EvalError(f"invalid workflow configuration ({source}): {', '.join(both)} listed in both models and "
+                          f"vlm.models; a vision-language model belongs in vlm.models only")
     for name in [*cfg["ablations"]["models"], *(x[k] for x in cfg["cross_model"] for k in ("source", "target"))]:
         if name not in models:
             raise T2EvalError(f"invalid workflow configuration ({source}): {name!r} is used in ablations/cross_model "

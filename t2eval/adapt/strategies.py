@@ -296,7 +296,9 @@ class SVFAdapter(Strategy):
 
         args = spec.model_args
         if method in ("svf", "svf-domain"):
-            if method == "svf-domain":
+            if P.is_vlm(cfg, model):  # the VLM's one expert, trained on its VQA train task
+                src = cfg["vlm"]["train_task"]
+            elif method == "svf-domain":
                 src = TASK_OF_EXPERT[CATEGORY_OF_TASK[task]]
             else:
                 src = task if task in TRAIN_TASKS else "gsm8k"  # Table 4 row #1 on MATH: the GSM8K expert

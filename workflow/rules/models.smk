@@ -1,4 +1,6 @@
 rule prepare_model:
+    input:
+        lambda wc: P.model_requires(wc.model),
     output:
         P.model_marker("{model}"),
     params:
