@@ -4,6 +4,8 @@
         expert_math=experts/.../gsm8k,expert_code=...,expert_reasoning=... --tasks t2_math --apply_chat_template
 
 (lm-eval 0.4.13 cannot discover plugin models by itself: see `t2eval.lm_eval_plugin`.)
+A vision-language checkpoint (config.json with a vision_config) gets the multimodal flavour
+`t2eval.vlm_lm.T2VLM` (base / svf / lora, HF backend; tasks t2_textvqa, t2_okvqa, t2_synth_textvqa).
 
 model_args
   pretrained     registry key or HF directory (t2eval.models.resolve_model_dir)

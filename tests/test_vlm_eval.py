@@ -255,6 +255,39 @@ def test_t2_multimodal_evaluate_writes_vqa_cells(tiny_vlm, synth_data, vlm_svd, 
             assert resps != base  # the expert changes the language model's answers
 
 
+def test_t2_multimodal_lora_adapter(tiny_vlm, synth_data, tmp_path):
+    """adapter=lora:PATH on a VLM: a peft adapter on the language model's attention (scoped by a regex, so
+    CLIP's own q_proj/v_proj stay out) loads through lm-eval's peft path and changes the answers."""
+    from peft import LoraConfig, get_peft_model
+
+    from t2eval.evaluate import evaluate
+    from t2eval.lm import T2LM
+    from t2eval.models.loading import load_model
+
+    model = load_model(str(tiny_vlm))
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)")
+    peft_model = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:  # peft starts B at 0 (the identity): a non-trivial adapter
+                p.copy_(torch.randn(p.shape, generator=g))
+    adapter = tmp_path / "lora"
+    peft_model.save_pretrained(adapter)
+    lm = T2LM(pretrained=str(tiny_vlm), adapter=f"lora:{adapter}")
+    lora = [n for n, _ in lm.model.named_parameters() if "lora_" in n]
+    assert len(lora) == 8 and all(".language_model.layers." in n for n in lora)  # 2 layers × q, v × A, B
+    fresh = dict(load_model(str(tiny_vlm)).named_parameters())
+    vision = {n: p for n, p in lm.model.named_parameters() if ".vision_tower." in n}
+    assert vision and all(torch.equal(p, fresh[n.replace("base_model.model.", "", 1)]) for n, p in vision.items())
+    out = tmp_path / "raw/tiny-llava-next/lora/synth_textvqa.json"
+    cell = evaluate(str(tiny_vlm), "lora", "synth_textvqa", out, lm=lm, data_dir=str(synth_data), limit=3)
+    assert cell["metric"] == "vqa_acc" and cell["total"] == 3
+    base_out = tmp_path / "raw/tiny-llava-next/base/synth_textvqa.json"
+    evaluate(str(tiny_vlm), "base", "synth_textvqa", base_out, data_dir=str(synth_data), limit=3)
+    assert [s["resps"] for s in _samples(out)] != [s["resps"] for s in _samples(base_out)]
+
+
 def test_svf_on_the_vlm_scales_only_language_matrices_and_const_z_keeps_logits(tiny_vlm, vlm_svd, experts):
     from t2eval.lm import T2LM
     from t2eval.models.loading import load_model

@@ -27,6 +27,9 @@ new download; ``--mbppplus-version`` / ``--humanevalplus-version`` restrict a ru
 (missing → an error naming the file). Without a mirror the network / evalplus cache path fetches
 the release version and evalplus's current one.
 
+VQA datasets (textvqa, okvqa, synth_textvqa; issue 10) are written by `vqa_data` (images, hub parquet
+mirrors, the generator) into the same manifest, only when named in ``datasets``.
+
 ARC-Challenge: the mirror's test.jsonl has letter-normalised labels; its
 ``test_original_labels.jsonl`` (required) restores the original labels and answerKey of each row
 (22 of 1172 keyed "1".."4", as on the hub), checked row by row (same id, same number of choices,
