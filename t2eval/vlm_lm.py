@@ -42,6 +42,17 @@ def check_vlm_strategy(strategy) -> None:
             f"checkpoint: use base (strategy=none), adapter=svf:PATH or adapter=lora:PATH (issue 10)")
 
 
+def text_context_length(model_dir) -> int | None:
+    """The language model's context length (text_config.max_position_embeddings): lm-eval's HFLM looks for
+    it only at the top level of the config, where a LLaVA-NeXT config has none."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    n = (cfg.get("text_config") or {}).get("max_position_embeddings")
+    return int(n) if n else None
+
+
 class T2VLM(TwoPassMixin, HFMultimodalLM):
     """`t2` on a vision-language checkpoint (HF backend); see the module docstring."""
 
@@ -59,6 +70,10 @@ class T2VLM(TwoPassMixin, HFMultimodalLM):
         strategy.hf_kwargs(kw)  # peft= for adapter=lora:PATH
         kw.setdefault("convert_img_format", True)  # RGB
         self.t2_pretrained_dir = resolve_pretrained(pretrained)
+        if kw.get("max_length") is None:  # lm-eval would fall back to 2048: too short for any-res image tokens
+            n = text_context_length(self.t2_pretrained_dir)
+            if n:
+                kw["max_length"] = n
         super().__init__(pretrained=self.t2_pretrained_dir, dtype=dtype, batch_size=batch_size, device=device, **kw)
         self.t2_swapper = HFScaleSwapper(self.model, lambda: self.t2_bank.svd)
         self._t2_setup(cfg)

@@ -123,9 +123,10 @@ def _hub_row(i: int, answers=None, image=None) -> dict:
 
 def test_parquet_mirror_reader_and_textvqa_splits(tmp_path, monkeypatch):
     from t2eval.data import vqa_data
-    from t2eval.data.datasets import prepare_data
+    from t2eval.data.datasets import DATASETS, prepare_data
     from t2eval.data.splits import task_split
 
+    assert not set(vqa_data.VQA_DATASETS) & set(DATASETS)  # a default prepare-data run stays the LLM datasets
     mirror = tmp_path / "mirror"
     _write_parquet(mirror / "textvqa/data/train-00000-of-00002.parquet", [_hub_row(i) for i in range(3)])
     _write_parquet(mirror / "textvqa/data/train-00001-of-00002.parquet", [_hub_row(i) for i in range(3, 5)])
@@ -152,6 +153,15 @@ def test_parquet_mirror_reader_and_textvqa_splits(tmp_path, monkeypatch):
     assert [r["doc_id"] for r in task_split("textvqa", "valid", out)] == ["1001", "1003"]
     test = task_split("textvqa", "test", out)
     assert [r["doc_id"] for r in test] == ["1005", "1006", "1007"] and Path(test[0]["image_path"]).is_file()
+
+    # the textvqa task end to end on the fixture: t2 multimodal, OCR tokens off by default for textvqa
+    from t2eval.evaluate import evaluate
+
+    cell_path = tmp_path / "raw/tiny-llava-next/base/textvqa.json"
+    cell = evaluate(str(tiny_llava_next_dir(0)), "base", "textvqa", cell_path, data_dir=str(out), limit=2)
+    assert cell["metric"] == "vqa_acc" and cell["total"] == 2 and cell["provenance"]["config"]["task_options"] == {}
+    assert all("OCR tokens" not in json.dumps(s["arguments"]) for s in _samples(cell_path))
+    assert {"manifest.json", "textvqa/train", "textvqa/test"} <= set(cell["provenance"]["data"])  # data hashed
 
     # bad rows name the file and row
     _write_parquet(mirror / "okvqa/data/val2014-00000-of-00001.parquet",
@@ -197,6 +207,14 @@ def test_vqa_task_prompt_scoring_and_reward(tiny_vlm):
     assert synth.score_batch([doc] * len(comps), comps) == [a > 0 for a in accs]
     assert [synth.reward(doc, c) for c in ("tea", "coffee")] == [1.0, -0.1]
     assert get_task("synth_textvqa", reward="soft").reward(doc, "tea") == pytest.approx(0.9)
+    from t2eval.cli import subcommand_parser
+    from t2eval.evaluate import parse_task_options
+
+    args = subcommand_parser("evaluate").parse_args(["--model", "m", "--method", "base", "--task", "okvqa", "--out",
+                                                     "o.json", "--task-options", '{"ocr_in_prompt": false}'])
+    assert parse_task_options(args.task_options) == {"ocr_in_prompt": False}
+    with pytest.raises(T2EvalError, match="JSON object"):
+        parse_task_options("[1]")
     assert synth.reference(doc) in ("$4.20", "tea")
     with pytest.raises(T2EvalError, match="normalise"):
         get_task("textvqa", normalise="lower")
@@ -220,6 +238,7 @@ def test_t2_multimodal_evaluate_writes_vqa_cells(tiny_vlm, synth_data, vlm_svd, 
 
     lm = T2LM(pretrained=str(tiny_vlm))
     assert isinstance(lm, T2VLM) and lm.MULTIMODAL and type(lm.model).__name__ == "LlavaNextForConditionalGeneration"
+    assert lm.max_length == lm.model.config.text_config.max_position_embeddings
     seen = []  # the vision tower sees every request's pixels (a real forward hook, no mock)
     hook = lm.model.model.vision_tower.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
     out = tmp_path / "raw/tiny-llava-next/base/synth_textvqa.json"
@@ -340,7 +359,10 @@ def test_embedded_vlm_cells_carry_the_random_vision_note(smollm2_dir, synth_data
     from t2eval.evaluate import evaluate
     from t2eval.models.llava import NOTE_RANDOM_VISION, build_smollm2_llava
 
+    from t2eval.vlm_lm import text_context_length
+
     d = build_smollm2_llava(tmp_path / "smollm2-llava", seed=0, text_model=smollm2_dir)
+    assert text_context_length(d) == 8192  # SmolLM2's, not lm-eval's 2048 fallback
     out = tmp_path / "raw/smollm2-llava/base/synth_textvqa.json"
     cell = evaluate(str(d), "base", "synth_textvqa", out, data_dir=str(synth_data), limit=2,
                     task_options={"normalise": "official"})
