@@ -378,8 +378,9 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
                                              "n-samples")})
     info = jsonable(lm.get_model_info()) if hasattr(lm, "get_model_info") else {}
     config = {"model": model, "method": method, "task": task, "lm_eval_task": tname, "split": split,
-              "limit": limit, "gen_kwargs": gen_kwargs, "model_args": margs, "t2": info.get("t2"), "apply_chat_template": True,
-              "task_options": topts}
+              "limit": limit, "gen_kwargs": gen_kwargs, "model_args": margs, "t2": info.get("t2"), "apply_chat_template": True}
+    if topts or metric == VQA_METRIC:  # LLM cells keep their config (and its hash) as before
+        config["task_options"] = topts
     inputs = {"model_dir": str(getattr(lm, "t2_pretrained_dir", model))}
     cfg_json = Path(inputs["model_dir"]) / "config.json"
     if cfg_json.exists():
