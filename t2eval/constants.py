@@ -34,9 +34,17 @@ METRIC_OF_TASK: dict[str, str] = {"gsm8k": "acc", "math": "acc", "arc_easy": "ac
 TASK_LABELS: dict[str, str] = {"gsm8k": "GSM8K", "mbpp": "MBPP-Pro", "arc_easy": "ARC-Easy", "math": "MATH",
                                "humaneval": "HumanEval", "arc_challenge": "ARC-Challenge"}
 CODE_TASKS: tuple[str, ...] = ("mbpp", "humaneval")
+# vision-language tasks (issue 10): their own tuple, so the LLM task lists and tables above stay as they are.
+# VQA accuracy (t2eval.tasks.vqa) is their metric: a cell's score is the mean accuracy, its per-sample
+# `correct` is accuracy > 0 (t2eval.results).
+VQA_METRIC = "vqa_acc"
+VLM_TASKS: tuple[str, ...] = ("textvqa", "okvqa", "synth_textvqa")
+VLM_TRAIN_TASKS: tuple[str, ...] = ("textvqa", "synth_textvqa")  # tasks with train/valid splits
+METRIC_OF_TASK.update({t: VQA_METRIC for t in VLM_TASKS})
+VLM_TASK_LABELS: dict[str, str] = {"textvqa": "TextVQA", "okvqa": "OKVQA", "synth_textvqa": "Synth-TextVQA"}
 
 
-def check_task(key: str, allowed: tuple[str, ...] = TASK_KEYS + CLS_TASKS[1:], what: str = "task") -> str:
+def check_task(key: str, allowed: tuple[str, ...] = TASK_KEYS + CLS_TASKS[1:] + VLM_TASKS, what: str = "task") -> str:
     """`key` if it is one of `allowed`, else a clear error listing them."""
     if key not in allowed:
         raise T2EvalError(f"unknown {what} {key!r}; known: {', '.join(allowed)}")
@@ -50,7 +58,8 @@ def task_key_of(name: str | None) -> str:
     if not t.startswith("t2_"):
         return t
     key = t[3:]
-    for k in sorted(TASK_KEYS + CLS_TASKS, key=len, reverse=True):
+    known = TASK_KEYS + CLS_TASKS + VLM_TASKS
+    for k in sorted(known, key=len, reverse=True):
         if key == k or key.startswith(k + "_"):
             return k
-    raise T2EvalError(f"lm-eval task {name!r} names no t2eval task; known: {', '.join(TASK_KEYS + CLS_TASKS)}")
+    raise T2EvalError(f"lm-eval task {name!r} names no t2eval task; known: {', '.join(known)}")

@@ -70,6 +70,9 @@ class EvaluateConfig:
     protocol: str | None = opt(None, help="release (the code release, default) or corrected; "
                                "default: $T2EVAL_PROTOCOL, else release (overrides protocol= in model args)",
                                choices=("release", "corrected"))
+    task_options: str | None = opt(None, help="JSON object of task options, e.g. '{\"ocr_in_prompt\": true}' "
+                                   "(VQA tasks: ocr_in_prompt, normalise; default: the task's own, and "
+                                   "ocr_in_prompt on for the embedded VLM)")
 
 
 CONFIG = EvaluateConfig
@@ -148,6 +151,49 @@ def _task_dir() -> str | None:
     except ImportError:
         return None
     return str(lm_eval_task_dir())
+
+
+def sample_value(sample: dict, metric: str) -> float:
+    """The logged per-sample value of `metric` (VQA: the accuracy)."""
+    if metric not in sample:
+        raise T2EvalError(f"lm-eval sample for doc {sample.get('doc_id')} has no {metric!r}; keys: {sorted(sample)}")
+    v = sample[metric]
+    return float(v[0] if isinstance(v, (list, tuple)) else v)
+
+
+def vlm_task_options(model_dir: str | Path, task: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Task options of a VQA task: `given`, plus ocr_in_prompt on for the embedded VLM (its vision tower is
+    random: it can only read the OCR tokens) unless given."""
+    from .constants import VLM_TASKS
+    from .models.llava import EMBEDDED_KEY
+
+    out = dict(given)
+    if task in VLM_TASKS and "ocr_in_prompt" not in out and model_key(model_dir) == EMBEDDED_KEY:
+        out["ocr_in_prompt"] = True
+    return out
+
+
+def model_key(model_dir: str | Path) -> str | None:
+    """The `t2eval_model.json` key of a built model directory (None: not one of ours)."""
+    meta = Path(model_dir) / "t2eval_model.json"
+    try:
+        return json.loads(meta.read_text()).get("key") if meta.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def parse_task_options(text: str | dict | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise T2EvalError(f"--task-options {text!r} is not JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise T2EvalError(f"--task-options {text!r}: give a JSON object, e.g. '{{\"ocr_in_prompt\": true}}'")
+    return d
 
 
 def sample_correct(sample: dict, metric: str | None = None) -> int:
@@ -247,13 +293,17 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
              limit: int | None = None, split: str = "test", data_dir: str | None = None,
              lm_eval_task: str | None = None, include_path: str | None = None, backend: str | None = None,
              batch_size=None, device: str | None = None, seed: int = 0, name: str | None = None,
-             lm=None, gen_kwargs: str | None = None, protocol: str | None = None) -> dict[str, Any]:
-    """Run one evaluation and write the cell; returns the cell. `lm` reuses an already built `t2`."""
+             lm=None, gen_kwargs: str | None = None, protocol: str | None = None,
+             task_options: str | dict | None = None) -> dict[str, Any]:
+    """Run one evaluation and write the cell; returns the cell. `lm` reuses an already built `t2`.
+    `task_options`: options of the task object (JSON or dict; VQA: see `vlm_task_options`)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from . import provenance as prov
     from .config import DATA_DIR_ENV
+    from .constants import VQA_METRIC
+    from .models.llava import EMBEDDED_KEY as EMBEDDED_VLM
     from .results import TASK_METRIC, make_cell, write_cell
 
     from . import protocol as proto
@@ -277,8 +327,17 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
         if tpl:
             margs["chat_template_args"] = {"chat_template": tpl}
     paths = [p for p in (_task_dir(), include_path) if p]
-    # lm-eval indexes its ~10k stock YAMLs unless told not to (tens of seconds): only when needed
-    tm = TaskManager(include_path=paths or None, include_defaults=not tname.startswith("t2_"))
+    from .models.loading import resolve_model_dir
+
+    try:
+        model_dir = str(getattr(lm, "t2_pretrained_dir", None) or resolve_model_dir(model))
+    except T2EvalError:
+        model_dir = str(model)  # built by the caller (`lm`), or reported by build_lm below
+    topts = vlm_task_options(model_dir, task, parse_task_options(task_options))
+    # lm-eval indexes its ~10k stock YAMLs unless told not to (tens of seconds): only when needed;
+    # the task options reach the t2_* data hook (t2_utils.load) through the TaskManager's metadata
+    tm = TaskManager(include_path=paths or None, include_defaults=not tname.startswith("t2_"),
+                     metadata={"task_options": topts} if topts else None)
     if tname not in tm.all_tasks:
         hint = ("t2eval's task YAMLs (t2eval/tasks/lm_eval) define it" if tname.startswith("t2_")
                 else "use a stock lm-eval task name or --include-path DIR with its YAML")
@@ -300,8 +359,13 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
     metric = TASK_METRIC.get(task, "acc")
     rec = getattr(lm, "t2_records", {}).get(tname, {})
     chosen_of = {d["doc_id"]: d["chosen"] for d in rec.get("dispatch", [])}
-    per_sample = sorted(({"doc_id": s["doc_id"], "correct": sample_correct(s, metric),
-                          "chosen": chosen_of.get(s["doc_id"])} for s in samples), key=lambda r: r["doc_id"])
+    if metric == VQA_METRIC:  # VQA: the accuracy per sample; correct = accuracy > 0 (paired statistics)
+        per_sample = sorted(({"doc_id": s["doc_id"], "accuracy": sample_value(s, metric),
+                              "correct": int(sample_value(s, metric) > 0), "chosen": chosen_of.get(s["doc_id"])}
+                             for s in samples), key=lambda r: r["doc_id"])
+    else:
+        per_sample = sorted(({"doc_id": s["doc_id"], "correct": sample_correct(s, metric),
+                              "chosen": chosen_of.get(s["doc_id"])} for s in samples), key=lambda r: r["doc_id"])
     strategy = getattr(lm, "t2_strategy", None)
     two_pass = bool(strategy is not None and strategy.two_pass)  # a first pass chose the experts
     timing = {k: rec.get(k) for k in ("first_pass_s", "second_pass_s", "swap_s", "tokens_first", "tokens_second")}
@@ -315,6 +379,8 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
     info = jsonable(lm.get_model_info()) if hasattr(lm, "get_model_info") else {}
     config = {"model": model, "method": method, "task": task, "lm_eval_task": tname, "split": split,
               "limit": limit, "gen_kwargs": gen_kwargs, "model_args": margs, "t2": info.get("t2"), "apply_chat_template": True}
+    if topts or metric == VQA_METRIC:  # LLM cells keep their config (and its hash) as before
+        config["task_options"] = topts
     inputs = {"model_dir": str(getattr(lm, "t2_pretrained_dir", model))}
     cfg_json = Path(inputs["model_dir"]) / "config.json"
     if cfg_json.exists():
@@ -330,8 +396,13 @@ def evaluate(model: str, method: str, task: str, out: str | Path, model_args: di
         sel = alpha_selection(margs["alpha"])
         if sel:
             record["alpha_selection"] = sel
+    note = None
+    if model_key(model_dir) == EMBEDDED_VLM:
+        from .models.llava import NOTE_RANDOM_VISION as note
+
+        record["note"] = note
     cell = make_cell(name or model_name(model), method, task, per_sample, metric=metric, timing=timing,
-                     dispatch=dispatch, lm_eval=blob, split=split, provenance=record)
+                     dispatch=dispatch, lm_eval=blob, split=split, provenance=record, note=note)
     out = Path(out)
     side = out.with_name(out.stem + ".lm_eval")
     side.mkdir(parents=True, exist_ok=True)
@@ -370,7 +441,7 @@ def run(args) -> int:
                     split=args.split, data_dir=args.data_dir, lm_eval_task=args.lm_eval_task,
                     include_path=args.include_path, backend=args.backend, batch_size=args.batch_size,
                     device=args.device, seed=args.seed, name=args.model_name, gen_kwargs=args.gen_kwargs,
-                    protocol=args.protocol)
+                    protocol=args.protocol, task_options=args.task_options)
     t = cell["timing"] or {}
     first = f", first pass {t['first_pass_s']:.2f}s / second {t['second_pass_s']:.2f}s" if t.get("first_pass_s") else ""
     print(f"{cell['model']}/{cell['method']}/{cell['task']}: {cell['score']:.4f} "

@@ -4,6 +4,8 @@
         expert_math=experts/.../gsm8k,expert_code=...,expert_reasoning=... --tasks t2_math --apply_chat_template
 
 (lm-eval 0.4.13 cannot discover plugin models by itself: see `t2eval.lm_eval_plugin`.)
+A vision-language checkpoint (config.json with a vision_config) gets the multimodal flavour
+`t2eval.vlm_lm.T2VLM` (base / svf / lora, HF backend; tasks t2_textvqa, t2_okvqa, t2_synth_textvqa).
 
 model_args
   pretrained     registry key or HF directory (t2eval.models.resolve_model_dir)
@@ -52,7 +54,7 @@ from .adapt import dispatch as dsp
 from .adapt import strategies
 from .adapt.experts import ExpertBank, parse_experts
 from . import protocol as proto
-from .constants import EXPERT_NAMES, RELEASE_DISPATCH_ORDER, TASK_KEYS
+from .constants import EXPERT_NAMES, RELEASE_DISPATCH_ORDER, TASK_KEYS, VLM_TASKS
 from .errors import T2EvalError
 from .tokens import prompt_ids
 
@@ -63,7 +65,8 @@ def true_task(task_name: str | None) -> str:
     if not t.startswith("t2_"):
         return t
     key = t[3:]
-    return next((k for k in sorted(TASK_KEYS, key=len, reverse=True) if key == k or key.startswith(k + "_")), key)
+    return next((k for k in sorted(TASK_KEYS + VLM_TASKS, key=len, reverse=True)
+                 if key == k or key.startswith(k + "_")), key)
 
 
 def family_of_task(task_name: str | None) -> str | None:
@@ -363,6 +366,20 @@ def split_t2_kwargs(kwargs: dict) -> tuple[T2Config, str, dict]:
     return cfg, backend, kw
 
 
+def _is_vlm(pretrained) -> bool:
+    """Whether `pretrained` (a key or directory) is a vision-language checkpoint (its config.json has a
+    vision_config); False when it cannot be resolved here (the text path reports that)."""
+    if pretrained is None or not isinstance(pretrained, (str, bytes)) and not hasattr(pretrained, "__fspath__"):
+        return False
+    from .errors import T2EvalError
+    from .models.loading import is_vision_language
+
+    try:
+        return is_vision_language(str(pretrained))
+    except (T2EvalError, OSError, ValueError):
+        return False
+
+
 def resolve_pretrained(pretrained) -> str:
     from .models.loading import resolve_model_dir
 
@@ -372,9 +389,13 @@ def resolve_pretrained(pretrained) -> str:
 @register_model("t2")
 class T2LM(TwoPassMixin, HFLM):
     """backend=hf flavour (also the registered class; backend=vllm returns a
-    `t2eval.backends.vllm_lm.T2VLLM`)."""
+    `t2eval.backends.vllm_lm.T2VLLM`, a vision-language checkpoint a `t2eval.vlm_lm.T2VLM`)."""
 
     def __new__(cls, *args, **kwargs):
+        if cls is T2LM and _is_vlm(kwargs.get("pretrained", args[0] if args else None)):
+            from .vlm_lm import T2VLM  # multimodal mode (issue 10): base / svf / lora, HF backend
+
+            return T2VLM(*args, **kwargs)
         if cls is T2LM and str(kwargs.get("backend", "hf")) == "vllm":
             from .backends.vllm_lm import T2VLLM
 

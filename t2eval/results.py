@@ -8,15 +8,17 @@ A cell holds everything the tables and figures need, so reports are recomputed f
 {
   "schema": "t2eval.cell/1",
   "model": "llama3-8b", "method": "t2-prompt", "task": "math",
-  "metric": "acc",                    # "acc" | "pass@1"
-  "score": 0.2522, "correct": 1261, "total": 5000,    # score == correct / total
+  "metric": "acc",                    # "acc" | "pass@1" | "vqa_acc" (VQA tasks)
+  "score": 0.2522, "correct": 1261, "total": 5000,    # score == correct / total (vqa_acc: mean accuracy)
   "per_sample": [{"doc_id": 0, "correct": 1, "chosen": "math"}, ...],   # doc order, one per doc
+                                      # vqa_acc: + "accuracy" (0/.3/.6/.9/1), correct = accuracy > 0
   "timing": {"first_pass_s", "second_pass_s", "swap_s", "tokens_first", "tokens_second",
              "total_s", "hardware"} | null,      # first-pass fields null when the method has no first pass
   "dispatch": [{"doc_id", "true_task", "chosen"}, ...] | null,   # two-pass methods only
   "lm_eval": {...} | null,            # lm-eval's results + config blob
   "split": "test" | "fewshot_test",
   "expert_model": "llama3-8b" | null, # optional: whose experts were used (cross-model rows)
+  "note": "..."                       # optional: a caveat every report must show (the embedded VLM's random vision)
   "provenance": {...}                 # t2eval.provenance.record(...)
 }
 ```
@@ -39,7 +41,7 @@ from typing import Any, Iterable, Mapping
 
 from .constants import METRIC_OF_TASK as TASK_METRIC
 from .constants import TRAIN_TASKS as TRAINING_TASKS
-from .constants import UNSEEN_TASKS
+from .constants import UNSEEN_TASKS, VQA_METRIC
 from .errors import CorruptArtifactError, T2EvalError
 
 SCHEMA = "t2eval.cell/1"
@@ -61,7 +63,7 @@ CELL_SCHEMA: dict[str, Any] = {
         "model": {"type": "string", "pattern": _NAME},
         "method": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_.+-]*$"},
         "task": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9_]*$"},
-        "metric": {"enum": ["acc", "pass@1"]},
+        "metric": {"enum": ["acc", "pass@1", VQA_METRIC]},
         "score": {"type": "number", "minimum": 0, "maximum": 1},
         "correct": {"type": "integer", "minimum": 0},
         "total": {"type": "integer", "minimum": 1},
@@ -73,6 +75,7 @@ CELL_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "doc_id": {"type": ["integer", "string"]},
                     "correct": {"enum": [0, 1]},
+                    "accuracy": {"type": "number", "minimum": 0, "maximum": 1},
                     "chosen": {"type": ["string", "null"]},
                 },
             },
@@ -95,6 +98,7 @@ CELL_SCHEMA: dict[str, Any] = {
         "lm_eval": {"type": ["object", "null"]},
         "split": {"enum": list(SPLITS)},
         "expert_model": {"type": ["string", "null"]},
+        "note": {"type": ["string", "null"]},
         "provenance": {"type": "object"},
     },
 }
@@ -123,11 +127,19 @@ def validate_cell(cell: Any, where: str = "<cell>") -> dict[str, Any]:
         more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
         _fail(where, "; ".join(msgs) + more)
     c, n = cell["correct"], cell["total"]
+    ps = cell["per_sample"]
     if c > n:
         _fail(where, f"correct ({c}) is larger than total ({n})")
-    if not math.isclose(cell["score"], c / n, rel_tol=0, abs_tol=1e-9):
+    if cell["metric"] == VQA_METRIC:
+        if any("accuracy" not in s for s in ps):
+            _fail(where, f"metric {VQA_METRIC}: every per_sample entry needs its VQA 'accuracy'")
+        if any(s["correct"] != int(s["accuracy"] > 0) for s in ps):
+            _fail(where, "per_sample 'correct' must be 1 exactly where the VQA accuracy is > 0")
+        mean = sum(s["accuracy"] for s in ps) / len(ps) if ps else 0.0
+        if not math.isclose(cell["score"], mean, rel_tol=0, abs_tol=1e-9):
+            _fail(where, f"score {cell['score']} is not the mean VQA accuracy {mean:.6f}")
+    elif not math.isclose(cell["score"], c / n, rel_tol=0, abs_tol=1e-9):
         _fail(where, f"score {cell['score']} is not correct/total = {c}/{n} = {c / n:.6f}")
-    ps = cell["per_sample"]
     if len(ps) != n:
         _fail(where, f"per_sample has {len(ps)} entries but total is {n} (one entry per document)")
     if sum(s["correct"] for s in ps) != c:
@@ -145,21 +157,27 @@ def make_cell(model: str, method: str, task: str, per_sample: Iterable[Mapping[s
               metric: str | None = None, timing: Mapping[str, Any] | None = None,
               dispatch: Iterable[Mapping[str, Any]] | None = None, lm_eval: Mapping[str, Any] | None = None,
               split: str = "test", provenance: Mapping[str, Any] | None = None,
-              expert_model: str | None = None) -> dict[str, Any]:
-    """Build a valid cell from per-sample outcomes (`{"doc_id", "correct": 0/1 or bool, ["chosen"]}`);
-    correct/total/score are computed from them."""
+              expert_model: str | None = None, note: str | None = None) -> dict[str, Any]:
+    """Build a valid cell from per-sample outcomes (`{"doc_id", "correct": 0/1 or bool, ["chosen"]}`;
+    VQA tasks: `{"doc_id", "accuracy"}`, correct = accuracy > 0); correct/total/score are computed from
+    them (score = correct/total, or the mean VQA accuracy for metric vqa_acc)."""
+    metric = metric or TASK_METRIC.get(task, "acc")
     rows = []
     for s in per_sample:
         r = dict(s)
+        if metric == VQA_METRIC:
+            r["accuracy"] = float(r["accuracy"])
+            r["correct"] = int(r["accuracy"] > 0)
         r["correct"] = int(bool(r["correct"]))
         rows.append(r)
     correct, total = sum(r["correct"] for r in rows), len(rows)
     if total == 0:
         raise T2EvalError(f"cannot make a result cell for {model}/{method}/{task}: no samples were scored")
+    score = sum(r["accuracy"] for r in rows) / total if metric == VQA_METRIC else correct / total
     cell = {
         "schema": SCHEMA, "model": model, "method": method, "task": task,
-        "metric": metric or TASK_METRIC.get(task, "acc"),
-        "score": correct / total, "correct": correct, "total": total,
+        "metric": metric,
+        "score": score, "correct": correct, "total": total,
         "per_sample": rows,
         "timing": dict(timing) if timing is not None else None,
         "dispatch": [dict(d) for d in dispatch] if dispatch is not None else None,
@@ -168,6 +186,8 @@ def make_cell(model: str, method: str, task: str, per_sample: Iterable[Mapping[s
         "expert_model": expert_model,
         "provenance": dict(provenance or {}),
     }
+    if note:
+        cell["note"] = note
     return validate_cell(cell, f"{model}/{method}/{task}")
 
 

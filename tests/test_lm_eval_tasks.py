@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from t2eval.constants import CLS_TASKS, CODE_TASKS, METRIC_OF_TASK, TRAIN_TASKS, UNSEEN_TASKS, task_key_of
+from t2eval.constants import CLS_TASKS, CODE_TASKS, METRIC_OF_TASK, TRAIN_TASKS, UNSEEN_TASKS, VLM_TASKS, task_key_of
 from t2eval.tasks import get_task, lm_eval_task_dir, lm_eval_task_name
 from t2eval.tasks.code import CODE_CHAT_TEMPLATE
 
@@ -73,6 +73,7 @@ def test_yaml_names_match_helper():
     for key in UNSEEN_TASKS:  # math, humaneval, arc_challenge
         expected |= {lm_eval_task_name(key), lm_eval_task_name(key, fewshot_excluded=True)}
     expected |= {n + "_llama3" for n in expected if n.startswith("t2_arc_")}
+    expected |= {lm_eval_task_name(key) for key in VLM_TASKS}  # t2_textvqa, t2_okvqa, t2_synth_textvqa (test only)
     assert names == expected
 
 

@@ -216,10 +216,11 @@ def test_registry_holds_exactly_the_protocol_tasks():
     from t2eval import constants
     from t2eval.tasks import known_tasks, registry
 
-    assert known_tasks() == constants.TASK_KEYS
-    with pytest.raises(T2EvalError, match="unknown task 'mmlu'; known: " + ", ".join(constants.TASK_KEYS)):
+    # the protocol's tasks in their order, then the vision-language ones (their own tuple, issue 10)
+    assert known_tasks() == constants.TASK_KEYS + constants.VLM_TASKS
+    with pytest.raises(T2EvalError, match="unknown task 'mmlu'; known: " + ", ".join(known_tasks())):
         get_task("mmlu")
-    for key in constants.TASK_KEYS:
+    for key in constants.TASK_KEYS + constants.VLM_TASKS:
         t = get_task(key)
         assert t.key == key and registry.task_class(key) is type(t)
         assert t.metric == constants.METRIC_OF_TASK[key]
@@ -256,7 +257,7 @@ def test_register_task_decorator(monkeypatch):
     assert isinstance(t, Toy) and t.key == "toy" and t.metric == "acc"
     assert t.messages({"q": "hi"})[0] == [{"role": "user", "content": "HI"}]
     assert t.score_batch([{"a": "1"}, {"a": "2"}], ["1", "1"]) == [True, False]
-    assert known_tasks() == constants.TASK_KEYS + ("toy",)
+    assert known_tasks() == constants.TASK_KEYS + constants.VLM_TASKS + ("toy",)
 
     @register_task("left", "right")  # several keys: built as cls(key, **options)
     class Pair(base.Task):

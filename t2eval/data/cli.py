@@ -16,14 +16,18 @@ class PrepareDataConfig:
     mirror: str | None = opt(None, help="local dataset mirror directory (default: $T2EVAL_DATA_MIRROR, then the "
                              "config's `mirror:`, then the Hugging Face hub / evalplus downloads)")
     out: str | None = opt(None, help="output data directory (default: $T2EVAL_DATA_DIR or data/)")
-    datasets: str | None = opt(None, help="comma-separated subset (default: all): gsm8k,arc_easy,arc_challenge,"
-                               "math,humaneval,humanevalplus,mbppplus,mbpp")
+    datasets: str | None = opt(None, help="comma-separated subset (default: all the LLM datasets): gsm8k,arc_easy,"
+                               "arc_challenge,math,humaneval,humanevalplus,mbppplus,mbpp; the VQA datasets only when "
+                               "named: textvqa,okvqa (hub parquet layout in the mirror),synth_textvqa (generated)")
     force: bool = opt(False, help="rewrite files even when they match the manifest")
     config: str | None = opt(None, help="YAML config; its `mirror:` (or `data: {mirror:}`) is used when neither "
                              "--mirror nor $T2EVAL_DATA_MIRROR is set")
     mbppplus_version: str | None = opt(None, help="MBPP+ release to use when several are available, e.g. v0.1.0 "
                                        "(399) or v0.2.0 (378)")
     humanevalplus_version: str | None = opt(None, help="HumanEval+ release, e.g. v0.1.10")
+    synth_textvqa_sizes: str | None = opt(None, help="rows of the generated synth_textvqa splits "
+                                          "(default train=2000,valid=200,test=500)")
+    synth_textvqa_seed: int = opt(0, help="seed of the synth_textvqa generator")
 
 
 CONFIG = PrepareDataConfig
@@ -54,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     man = prepare_data(out, mirror=args.mirror, datasets=names, force=args.force,
                        config_mirror=_config_mirror(args.config), mbppplus_version=args.mbppplus_version,
-                       humanevalplus_version=args.humanevalplus_version)
+                       humanevalplus_version=args.humanevalplus_version,
+                       synth_textvqa_sizes=args.synth_textvqa_sizes, synth_textvqa_seed=args.synth_textvqa_seed)
     dt = time.perf_counter() - t0
-    for name in names or SPECS:
+    for name in names or SPECS:  # the default run: the LLM datasets
         for split, e in man["datasets"].get(name, {}).items():
             ver = f" {e['version']}" if e.get("version") and not str(e["version"]).startswith("sha256:") else ""
             print(f"{name:>14}/{split:<10} {e['rows']:>6} rows  {e['path']}{ver}")

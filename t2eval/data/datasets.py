@@ -27,6 +27,9 @@ new download; ``--mbppplus-version`` / ``--humanevalplus-version`` restrict a ru
 (missing → an error naming the file). Without a mirror the network / evalplus cache path fetches
 the release version and evalplus's current one.
 
+VQA datasets (textvqa, okvqa, synth_textvqa; issue 10) are written by `vqa_data` (images, hub parquet
+mirrors, the generator) into the same manifest, only when named in ``datasets``.
+
 ARC-Challenge: the mirror's test.jsonl has letter-normalised labels; its
 ``test_original_labels.jsonl`` (required) restores the original labels and answerKey of each row
 (22 of 1172 keyed "1".."4", as on the hub), checked row by row (same id, same number of choices,
@@ -597,20 +600,37 @@ def dataset_up_to_date(out: Path, name: str, entry: dict | None, opts: dict | No
 def prepare_data(out: str | os.PathLike, mirror: str | os.PathLike | None = None,
                  datasets: Iterable[str] | None = None, force: bool = False, *,
                  config_mirror: str | os.PathLike | None = None,
-                 mbppplus_version: str | None = None, humanevalplus_version: str | None = None) -> dict:
-    """Materialise `datasets` (default: all) under `out`; returns the manifest dict (also written).
+                 mbppplus_version: str | None = None, humanevalplus_version: str | None = None,
+                 synth_textvqa_sizes: str | dict | None = None, synth_textvqa_seed: int = 0) -> dict:
+    """Materialise `datasets` (default: all the LLM datasets, `DATASETS`; the VQA ones of `vqa_data` only
+    when named) under `out`; returns the manifest dict (also written).
 
     mbppplus_version / humanevalplus_version: only that release (default: every release the mirror
-    holds; from the network, the code release's and evalplus's current one)."""
+    holds; from the network, the code release's and evalplus's current one).
+    synth_textvqa_sizes ("train=2000,valid=200,test=500", the default) / synth_textvqa_seed: the generated set."""
+    from . import vqa_data
+
     out = Path(out)
     names = list(datasets) if datasets is not None else list(DATASETS)
-    unknown = [n for n in names if n not in SPECS]
+    unknown = [n for n in names if n not in SPECS and n not in vqa_data.VQA_DATASETS]
     if unknown:
-        raise T2EvalError(f"unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}")
+        raise T2EvalError(f"unknown dataset(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(DATASETS + vqa_data.VQA_DATASETS)}")
     mirror_dir = resolve_mirror(mirror, config_mirror)
-    opts = {"mbppplus_version": mbppplus_version, "humanevalplus_version": humanevalplus_version}
+    opts = {"mbppplus_version": mbppplus_version, "humanevalplus_version": humanevalplus_version,
+            "synth_textvqa_sizes": synth_textvqa_sizes, "synth_textvqa_seed": synth_textvqa_seed}
     for name in names:
         t0 = time.perf_counter()
+        if name in vqa_data.VQA_DATASETS:
+            entry = read_manifest(out)["datasets"].get(name)
+            if not force and vqa_data.up_to_date(out, name, entry, opts):
+                log.info("%s: up to date (%s), skipped", name, out / name)
+                continue
+            entry = vqa_data.prepare(name, out, mirror_dir, opts)
+            took = round(time.perf_counter() - t0, 3)
+            update_manifest(out, name, entry, mirror=mirror_dir, seconds=took)
+            log.info("%s: wrote %s in %.2fs", name, ", ".join(f"{s}={e['rows']}" for s, e in entry.items()), took)
+            continue
         if not force and dataset_up_to_date(out, name, read_manifest(out)["datasets"].get(name), opts, mirror_dir):
             log.info("%s: up to date (%s), skipped", name, out / name)
             continue
@@ -642,7 +662,10 @@ def prepare_data(out: str | os.PathLike, mirror: str | os.PathLike | None = None
 
 
 def _order(name: str) -> int:
-    return DATASETS.index(name) if name in DATASETS else len(DATASETS)
+    from .vqa_data import VQA_DATASETS
+
+    order = DATASETS + VQA_DATASETS
+    return order.index(name) if name in order else len(order)
 
 
 class _ManifestLock:

@@ -15,7 +15,12 @@ humaneval       -- (unseen task)                                       HumanEval
 arc_challenge   -- (unseen task)                                       ARC-Challenge test (1172)
 cls             dispatcher classifier, code release (see below)        its 1-in-5 test part
 cls_leakfree    the same without any evaluation test question          its 1-in-5 test part
+textvqa         TextVQA train (34,602), even / odd indices             TextVQA validation (5000)
+okvqa           -- (evaluation only)                                   OK-VQA val2014 (5046)
+synth_textvqa   the generated train / valid                            the generated test
 ==============  =====================================================  ==========================
+
+(The VQA tasks, `constants.VLM_TASKS`, are not in `TASKS`: `split_sizes` and the LLM tables skip them.)
 
 Options (`OPTIONS`; every default is the code release's behaviour, PROTOCOL §8):
 
@@ -81,7 +86,7 @@ import os
 import random
 from typing import Any, Sequence
 
-from ..constants import CLS_TASKS, EXPERT_NAMES, TRAIN_TASKS, UNSEEN_TASKS, check_task
+from ..constants import CLS_TASKS, EXPERT_NAMES, TRAIN_TASKS, UNSEEN_TASKS, VLM_TASKS, VLM_TRAIN_TASKS, check_task
 from ..errors import T2EvalError
 from . import load_jsonl
 
@@ -142,11 +147,13 @@ def splits_for(task: str) -> tuple[str, ...]:
     _check_task(task)
     if task in UNSEEN_TASKS:
         return ("test",) + FEWSHOT_SPLITS
+    if task in VLM_TASKS and task not in VLM_TRAIN_TASKS:
+        return ("test",)
     return BASE_SPLITS
 
 
 def _check_task(task: str) -> None:
-    check_task(task, TASKS)
+    check_task(task, TASKS + VLM_TASKS)
 
 
 def _with_id(row: dict, doc_id: str) -> dict:
@@ -258,6 +265,21 @@ def _unseen_test(task: str, d: DataDir, opts: dict) -> list[dict]:
     if task == "arc_challenge":
         return _arc("arc_challenge", "test", d)
     raise T2EvalError(f"{task!r} is not an unseen task; unseen tasks: {', '.join(UNSEEN_TASKS)}")
+
+
+def _vqa(task: str, split: str, d: DataDir) -> list[dict]:
+    """VQA rows (issue 10): textvqa train/valid = even/odd of TextVQA train, test = TextVQA validation;
+    okvqa test = OK-VQA val2014; synth_textvqa = its generated splits. doc_id = str(question_id);
+    `image_path` = the image file (the row's `image` is relative to the split file)."""
+    from . import _data_dir
+
+    source = "train" if task == "textvqa" and split != "test" else split
+    root = _data_dir(d) / task
+    rows = [dict(_with_id(r, str(r["question_id"])), image_path=str(root / r["image"]))
+            for r in _load(task, source, d)]
+    if task == "textvqa" and split != "test":
+        return _even_odd(rows)[split == "valid"]
+    return rows
 
 
 # ------------------------------------------------------------------ classifier data
@@ -396,6 +418,8 @@ def _task_split(task: str, split: str, data_dir: DataDir, opts: dict) -> list[di
         return mbpp_partition(_mbppplus(data_dir, opts))[split]
     if task in CLS_TASKS:
         return _cls(task, split, data_dir, opts)
+    if task in VLM_TASKS:
+        return _vqa(task, split, data_dir)
     raise T2EvalError(f"no split rule for task {task!r}")  # unreachable: splits_for checked it
 
 

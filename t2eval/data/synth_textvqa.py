@@ -170,7 +170,7 @@ def generate(out_dir: str | Path, sizes: dict[str, int] | None = None, seed: int
         for i in range(int(n)):
             row, png = generate_item(split, i, seed)
             img = out / row["image"]
-            if not img.exists():
+            if not img.exists() or img.read_bytes() != png:  # a changed file is rewritten
                 tmp = img.with_suffix(".png.tmp")
                 tmp.write_bytes(png)
                 tmp.replace(img)

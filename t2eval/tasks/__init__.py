@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..constants import TASK_KEYS, UNSEEN_TASKS, check_task
+from ..constants import TASK_KEYS, UNSEEN_TASKS, VLM_TASKS, check_task
 from ..errors import T2EvalError
 from .registry import get_task, known_tasks, register_task
 
@@ -30,9 +30,10 @@ def lm_eval_task_name(task: str, split: str = "test", fewshot_excluded: bool = F
 
     t2_<task> = the test split; t2_<task>_<split> for train/valid; t2_<task>_fewshot_test = the test
     split without the 10 prompts held out for few-shot CEM (unseen tasks only); a "_<family>" suffix
-    where a YAML of that name exists (the Llama-3 ARC pre-fill: t2_arc_*_llama3).
+    where a YAML of that name exists (the Llama-3 ARC pre-fill: t2_arc_*_llama3). The VQA tasks
+    (`constants.VLM_TASKS`: t2_textvqa, t2_okvqa, t2_synth_textvqa) have test-split YAMLs only.
     """
-    check_task(task, TASK_KEYS)
+    check_task(task, TASK_KEYS + VLM_TASKS)
     if fewshot_excluded:
         if task not in UNSEEN_TASKS:
             raise T2EvalError(f"few-shot exclusion applies to the unseen tasks {UNSEEN_TASKS}, not {task!r}")

@@ -17,7 +17,7 @@ import importlib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from ..constants import TASK_KEYS, check_task
+from ..constants import TASK_KEYS, VLM_TASKS, check_task
 from ..errors import T2EvalError
 from .base import Task
 
@@ -66,9 +66,11 @@ def _import_task_modules() -> None:
 
 
 def known_tasks() -> tuple[str, ...]:
-    """Every registered task key: the protocol's (`constants.TASK_KEYS`) in their order, then any others."""
+    """Every registered task key: the protocol's (`constants.TASK_KEYS`) in their order, the vision-language
+    ones (`constants.VLM_TASKS`), then any others."""
     _import_task_modules()
-    return tuple(k for k in TASK_KEYS if k in _REGISTRY) + tuple(k for k in _REGISTRY if k not in TASK_KEYS)
+    ordered = TASK_KEYS + VLM_TASKS
+    return tuple(k for k in ordered if k in _REGISTRY) + tuple(k for k in _REGISTRY if k not in ordered)
 
 
 def task_class(key: str) -> type[Task]:

@@ -13,9 +13,11 @@ import json
 import os
 
 
-def load(task=None, split="test", family=None, options=None, **_ignored):
+def load(task=None, split="test", family=None, options=None, task_options=None, **_ignored):
     """custom_dataset hook: {"test": Dataset} of the protocol rows of `task`/`split` (the YAML's
-    dataset_kwargs; lm-eval also passes the task's metadata, ignored here)."""
+    dataset_kwargs). Of the task's metadata lm-eval passes too, `task_options` (a dict, set by
+    `t2eval evaluate --task-options` through the TaskManager's metadata) adds task options; the rest is
+    ignored. VQA rows also carry the image file ("t2_image", read by doc_to_image)."""
     import datasets
 
     from t2eval.errors import T2EvalError
@@ -23,18 +25,29 @@ def load(task=None, split="test", family=None, options=None, **_ignored):
 
     if task is None:
         raise T2EvalError("a t2_* task YAML must set dataset_kwargs.task (a t2eval task key)")
-    t = get_task(task, **(options or {}))
+    options = {**(options or {}), **(task_options if isinstance(task_options, dict) else {})}
+    t = get_task(task, **options)
     data_dir = os.environ.get("T2EVAL_DATA_DIR", "data")
-    row_options = json.dumps({**(options or {}), "protocol": t.protocol})
+    row_options = json.dumps({**options, "protocol": t.protocol})
     rows = []
     for doc in t.docs(split, data_dir):
         msgs, prefill = t.messages(doc, family)
         system = "".join(m["content"] for m in msgs if m["role"] == "system")
         user = [m["content"] for m in msgs if m["role"] == "user"][-1]
-        rows.append({"doc_id": str(doc["doc_id"]), "t2_task": task,
-                     "t2_options": row_options, "t2_system": system,
-                     "t2_user": user, "t2_prefill": prefill, "t2_doc": json.dumps(doc)})
+        row = {"doc_id": str(doc["doc_id"]), "t2_task": task,
+               "t2_options": row_options, "t2_system": system,
+               "t2_user": user, "t2_prefill": prefill, "t2_doc": json.dumps(doc)}
+        if "image_path" in doc:
+            row["t2_image"] = doc["image_path"]
+        rows.append(row)
     return {"test": datasets.Dataset.from_list(rows)}
+
+
+def doc_to_image(row):
+    """lm-eval's multimodal hook: the row's images as a list of RGB PIL images (content-checked)."""
+    from t2eval.data.vqa_data import load_image
+
+    return [load_image(row["t2_image"])]
 
 
 def _task(row):
@@ -53,5 +66,8 @@ def doc_to_target(row):
 
 def process_results(row, results):
     task = _task(row)
-    ok = task.score_batch([json.loads(row["t2_doc"])], [results[0]])[0]
+    doc = json.loads(row["t2_doc"])
+    if hasattr(task, "accuracy_batch"):  # VQA: the accuracy itself (0, .3, .6, .9, 1)
+        return {task.metric: float(task.accuracy_batch([doc], [results[0]])[0])}
+    ok = task.score_batch([doc], [results[0]])[0]
     return {task.metric: float(ok)}
