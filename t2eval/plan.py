@@ -286,6 +286,8 @@ def stage_values(cfg: Mapping[str, Any], stage: str, **wc: str) -> dict[str, Any
             from .data.datasets import SPECS
 
             v["datasets"] = ",".join([*(SPECS if cfg["models"] else ()), *vlm_datasets(cfg)])
+            if "synth_textvqa" in vlm_datasets(cfg):
+                v["synth_textvqa_sizes"] = cfg["vlm"].get("synth_textvqa_sizes")
         return v
     if stage == "decompose":
         return {"model": model_dir(model), "targets": wc["targets"], "layers": model_setting(cfg, model, "svd_layers"),

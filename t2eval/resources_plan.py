@@ -108,9 +108,15 @@ KNOWN_SHAPES: dict[str, Shape] = {
     "llama3-70b": Shape(80, 8192, 28672, 64, 8, 128, 128256, False),
     "smollm2-135m": Shape(30, 576, 1536, 9, 3, 64, 49152, True),
     "tiny-llama": Shape(2, 64, 128, 4, 2, 16, 49152, True),
+    # vision-language models: their language model (the vision tower and projector are not sized: CLIP
+    # ViT-L/14-336 is 0.3B parameters beside Llama-3-8B's 8B; the embedded ones' towers are tiny)
+    "llava-next-8b": Shape(32, 4096, 14336, 32, 8, 128, 128320, False),
+    "smollm2-llava": Shape(30, 576, 1536, 9, 3, 64, 49153, True),
+    "tiny-llava-next": Shape(2, 64, 128, 4, 2, 16, 49153, True),
 }
 # bytes per weight of the files prepare-model writes (hub models keep their bf16 safetensors)
-DISK_DTYPE = {"smollm2-135m": "float32", "tiny-llama": "float32"}
+DISK_DTYPE = {"smollm2-135m": "float32", "tiny-llama": "float32", "smollm2-llava": "float32",
+              "tiny-llava-next": "float32"}
 
 
 def model_shape(model: str, path: str | Path | None = None) -> Shape:

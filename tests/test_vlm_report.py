@@ -80,5 +80,6 @@ def test_vlm_report_cli_writes_table_and_figure5_with_the_published_claim(tmp_pa
 
 def test_outcomes_prefer_the_vqa_accuracy():
     cell = make_cell("m", "base", "synth_textvqa", [{"doc_id": 0, "correct": 1, "accuracy": 0.3},
-                                                    {"doc_id": 1, "correct": 0}])
+                                                    {"doc_id": 1, "correct": 0, "accuracy": 0.0}])
     assert outcomes(cell) == {0: 0.3, 1: 0.0}
+    assert outcomes(make_cell("m", "base", "gsm8k", [{"doc_id": 0, "correct": 1}])) == {0: 1.0}

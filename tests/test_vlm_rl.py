@@ -40,7 +40,7 @@ class SynthVQA:
     def reference(self, doc):
         return doc["answer"]
 
-    def score_batch(self, docs, completions):
+    def accuracy_batch(self, docs, completions):
         return [vqa.vqa_accuracy(c, d["answers"]) for d, c in zip(docs, completions)]
 
     def reward(self, doc, completion):

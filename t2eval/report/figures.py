@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..adapt.strategies import two_pass_methods
 from ..constants import EXPERT_NAMES as EXPERTS
-from ..constants import OTHER, TRAIN_TASKS, UNSEEN_TASKS
+from ..constants import OTHER, TRAIN_TASKS, UNSEEN_TASKS, VLM_TASKS
 from ..errors import CorruptArtifactError, T2EvalError
 from ..results import MODELS, collect, index
 from .cli import FiguresConfig, add_config_arguments, select_models, write_text_atomic
@@ -383,6 +383,7 @@ def write_figures(cells: Sequence[Mapping[str, Any]], experts_dir: str | os.Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pub = load_published(published_csv)
+    cells = [c for c in cells if c["task"] not in VLM_TASKS]  # VQA cells: `t2eval vlm-report` (Figure 5)
     if not models:
         ed = Path(experts_dir)
         on_disk = [p.name for p in sorted(ed.iterdir()) if p.is_dir()] if ed.is_dir() else []

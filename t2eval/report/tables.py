@@ -35,7 +35,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..constants import TASK_LABELS, TRAIN_TASKS, UNSEEN_TASKS
+from ..constants import TASK_LABELS, TRAIN_TASKS, UNSEEN_TASKS, VLM_TASKS
 from ..errors import T2EvalError
 from ..results import collect, index, replicates
 from . import stats
@@ -536,6 +536,7 @@ def write_tables(cells: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pub = load_published(published_csv)
+    cells = [c for c in cells if c["task"] not in VLM_TASKS]  # VQA cells: `t2eval vlm-report` (Figure 5)
     models = select_models(cells, models)
     written: list[Path] = []
     names = ["1", "2", "3", "4", "5"]

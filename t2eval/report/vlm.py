@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..constants import VLM_TASK_LABELS, VLM_TASKS
 from ..errors import T2EvalError
 from ..results import collect, replicates
 from . import stats
@@ -30,8 +31,7 @@ from .cli import ReportConfig, add_config_arguments, write_text_atomic
 log = logging.getLogger(__name__)
 
 VLM_METHODS: dict[str, str] = {"base": "Base", "svf": "SVF", "lora": "LoRA"}
-VQA_TASK_LABELS: dict[str, str] = {"textvqa": "TextVQA", "okvqa": "OKVQA",
-                                   "synth_textvqa": "synthetic TextVQA (embedded)"}
+VQA_TASK_LABELS: dict[str, str] = {t: VLM_TASK_LABELS[t] for t in VLM_TASKS}
 FILES = {"table": "table_vlm", "figure": "fig5_vlm"}
 PUBLISHED_TABLE = "text4.2"  # the paper's sentence on Figure 5 (relative gain over the base VLM)
 COLUMNS = ["model", "method", "task", "status", "n_docs", "n_seeds", "seeds", "score_pct", "ci_low_pct",

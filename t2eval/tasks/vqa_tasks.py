@@ -17,7 +17,8 @@ synth_textvqa and for the embedded model (its vision tower is random, `models.ll
 
 Score: `vqa.vqa_accuracy` (``normalise`` evalai | official) of the completion's first line;
 ``score_batch`` (the bool interface every task has) = accuracy > 0; ``accuracy_batch`` the accuracies
-(the metric); ``reward`` = `vqa.reward` (``reward`` binary: +1 / −0.1, or soft).
+(the metric: RL validation scores and result cells); ``reward`` = `vqa.reward` (``reward`` binary: +1 / −0.1,
+or soft).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class VQATask(Task):
 
     ocr_default: bool = False
     max_new_tokens = MAX_NEW_TOKENS
+    modality = "image"  # the training loop's image-task interface (`train.rollout.ImageTask`)
 
     def __init__(self, ocr_in_prompt: bool | str | None = None, normalise: str = "evalai",
                  reward: str = "binary") -> None:

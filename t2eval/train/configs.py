@@ -20,10 +20,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..constants import CLS_TASKS, TRAIN_TASKS
+from ..constants import CLS_TASKS, TRAIN_TASKS, VLM_TRAIN_TASKS
 from ..stage_config import opt
 
-TASKS: tuple[str, ...] = TRAIN_TASKS + CLS_TASKS
+TASKS: tuple[str, ...] = TRAIN_TASKS + CLS_TASKS + VLM_TRAIN_TASKS  # VQA tasks: on a vision-language model
 DTYPES = ("float32", "bfloat16", "float16")
 OBJECTIVES = ("pg", "ntp")
 PROTOCOLS = ("release", "corrected")  # = t2eval.protocol.PROTOCOLS (tested)

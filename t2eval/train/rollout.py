@@ -27,8 +27,8 @@ class ImageTask(Protocol):
 
     `modality = "image"` marks it. `docs` rows carry ``"image"``: a PIL image or a path (a task whose
     paths are relative defines `image(doc)` → PIL image, which `doc_image` prefers). `prompt` holds the
-    processor's image token exactly once. `score_batch` returns the metric per doc (VQA accuracy,
-    0..1); `reward` the RL reward of one completion."""
+    processor's image token exactly once. `accuracy_batch` returns the graded metric per doc (VQA
+    accuracy, 0..1; `t2eval.tasks.vqa_tasks`); `reward` the RL reward of one completion."""
 
     modality: str
 
@@ -36,7 +36,7 @@ class ImageTask(Protocol):
 
     def prompt(self, tokenizer, doc: dict, family: str | None = None) -> str: ...
 
-    def score_batch(self, docs: Sequence[dict], completions: Sequence[str]) -> list[float]: ...
+    def accuracy_batch(self, docs: Sequence[dict], completions: Sequence[str]) -> list[float]: ...
 
     def reward(self, doc: dict, completion: str) -> float: ...
 
@@ -93,8 +93,10 @@ def rollout(backend, task, docs: Sequence[dict], *, family: str | None = None, m
                             stop=gk.get("stop"), temperature=temperature, seed=seed,
                             **({"images": images} if images is not None else {}))
     completions = [g.text for g in gens]
-    raw = task.score_batch(docs, completions)
-    scores = [float(s) if images is not None else float(bool(s)) for s in raw]  # text tasks: 0/1
+    if images is not None:  # the graded metric (VQA accuracy)
+        scores = [float(s) for s in task.accuracy_batch(docs, completions)]
+    else:  # text tasks: 0/1
+        scores = [float(bool(s)) for s in task.score_batch(docs, completions)]
     correct = [s > 0 for s in scores]
     rewards = ([float(task.reward(d, c)) for d, c in zip(docs, completions)] if images is not None
                else [reward_correct if c else reward_wrong for c in correct])

@@ -6,7 +6,7 @@ localrules:
 
 rule tables:
     input:
-        [c.path for c in CELLS],
+        [c.path for c in CELLS if not P.is_vlm(CFG, c.model)],
     output:
         [report(f, category="Tables", caption="../report/tables.rst") if f.endswith(".md") else f for f in TABLES],
     params:
@@ -27,7 +27,7 @@ def figure_inputs(wildcards):
     alphas = [P.fewshot_alpha(m, t, seed=s) for s in tags for m in CFG["models"] for t in CFG["fewshot"]["tasks"]
               if "t2-fewshot" in CFG["evaluate"]["methods"]]
     experts = [P.svf_expert(m, t, seed=s) for s in tags for m in CFG["models"] for t in CFG["train_svf"]["tasks"]]
-    return {"cells": [c.path for c in CELLS], "experts": experts, "alphas": alphas}
+    return {"cells": [c.path for c in CELLS if not P.is_vlm(CFG, c.model)], "experts": experts, "alphas": alphas}
 
 
 rule figures:
