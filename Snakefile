@@ -34,6 +34,6 @@ include: "workflow/rules/vlm.smk"
 rule all:
     input:
         [c.path for c in CELLS],
-        TABLES,
-        FIGURES,
+        TABLES if CFG["models"] else [],
+        FIGURES if CFG["models"] else [],
         VLM_OUTPUTS,

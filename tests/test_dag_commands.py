@@ -55,7 +55,7 @@ def parse_or_fail(rule: str, cmd: str):
                     f"  {cmd}")
 
 
-@pytest.mark.parametrize("config", ["paper", "paper-kl-sweep", "default", "micro", "cpu-study"])
+@pytest.mark.parametrize("config", ["paper", "paper-kl-sweep", "default", "micro", "cpu-study", "vlm-demo"])
 def test_every_dag_command_parses(config, tmp_path):
     jobs = dry_run_commands(config, tmp_path)
     assert jobs
@@ -71,6 +71,19 @@ def test_every_dag_command_parses(config, tmp_path):
         assert [a.count("svf/arc_easy") for a in domain] == [1, 1, 1] and len(set(domain)) == 3  # one per seed
         assert all(ns.limit == 400 for ns in evals)
         return
+    if config == "vlm-demo":  # the embedded VLM only: its model after SmolLM2's, VQA data, half the layers
+        assert rules == {"prepare_model", "prepare_data", "decompose", "train_svf", "evaluate", "vlm_report"}
+        assert {ns.model for rule, _, ns in parsed if rule == "prepare_model"} == {"smollm2-135m", "smollm2-llava"}
+        prep = next(ns for rule, _, ns in parsed if rule == "prepare_data")
+        assert prep.datasets == "synth_textvqa" and prep.synth_textvqa_sizes == "train=400,valid=48,test=200"
+        dec = next(ns for rule, _, ns in parsed if rule == "decompose")
+        assert dec.layers == "half" and dec.model == "models/smollm2-llava"
+        train = next(ns for rule, _, ns in parsed if rule == "train_svf")
+        assert train.task == "synth_textvqa" and train.svd == "svd/smollm2-llava-mlp.safetensors"
+        evals = {ns.method: ns for rule, _, ns in parsed if rule == "evaluate"}
+        assert set(evals) == {"base", "svf"} and all(ns.task == "synth_textvqa" for ns in evals.values())
+        assert "experts/smollm2-llava/svf/synth_textvqa/z.safetensors" in evals["svf"].model_args
+        return
     assert {"prepare_model", "prepare_data", "decompose", "train_svf", "train_lora", "fit_fewshot", "evaluate",
             "tables", "figures"} <= rules
     if config == "paper-kl-sweep":
@@ -82,6 +95,13 @@ def test_every_dag_command_parses(config, tmp_path):
         assert own and not any(ns.allow_cross_model for ns in own)
         assert "train_svf_kl" not in rules  # as released: λ = 0, one run (the sweep is paper-kl-sweep.yaml)
         assert {"train_svf_seed", "fit_fewshot_seed", "evaluate_seed"} <= rules  # seeds [42, 43, 44]
+        vlm = [(rule, ns) for rule, _, ns in parsed if "llava-next-8b" in str(getattr(ns, "model", ""))]
+        assert {r for r, _ in vlm} >= {"prepare_model", "decompose", "train_svf", "train_svf_seed", "evaluate",
+                                       "evaluate_seed"}
+        assert {(ns.method, ns.task) for r, ns in vlm if r.startswith("evaluate")} == {
+            (m, t) for m in ("base", "svf") for t in ("textvqa", "okvqa")}
+        assert all("backend=hf" in ns.model_args for r, ns in vlm if r.startswith("evaluate"))
+        assert next(ns for r, ns in vlm if r == "decompose").layers == "half"
 
 
 def test_a_flag_the_subcommand_lacks_fails_naming_the_rule():
