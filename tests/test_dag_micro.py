@@ -58,6 +58,13 @@ def test_micro_dag_end_to_end(tmp_path, data_mirror):
     for fig in ("fig4_learning_curves", "fig6_dispatch_confusion", "fig7_alpha"):
         assert (work / "results" / "figures" / f"{fig}.png").stat().st_size > 1000
         assert (work / "results" / "figures" / f"{fig}.csv").exists()
+    # the VLM experiment (tiny-llava-next on synthetic TextVQA): cells with VQA accuracy, Figure 5, its table,
+    # and no VLM rows in the LLM tables
+    vlm = {(r["method"], r["task"]): r for r in csv.DictReader(open(work / "results" / "figures" / "fig5_vlm.csv"))}
+    assert set(vlm) == {("base", "synth_textvqa"), ("svf", "synth_textvqa")}
+    assert vlm[("svf", "synth_textvqa")]["n_docs"] == "4" and vlm[("svf", "synth_textvqa")]["diff_base_pp"] != ""
+    assert "Synth-TextVQA" in (work / "results" / "tables" / "table_vlm.md").read_text()
+    assert "tiny-llava-next" not in (tables / "table1.csv").read_text()
 
     # a second run does nothing
     r = _snakemake(work, "-n")
