@@ -43,11 +43,13 @@ def test_two_seeds_plan_each_seeded_job_twice_under_the_protocol(tmp_path):
     first = [c for c in cells if c.seed is None]
     n_base = sum(c.method == "base" for c in first)
     # SVF experts of the 3 training tasks + the classifier expert, 3 task-LoRAs, 3 few-shot α: once per seed
-    assert (jobs["train_svf"], jobs["train_svf_seed"]) == (4, 4)
+    # (+ the VLM's expert on synth_textvqa, micro's vlm: block: also once per seed)
+    assert (jobs["train_svf"], jobs["train_svf_seed"]) == (5, 5)
     assert (jobs["train_lora"], jobs["train_lora_seed"]) == (3, 3)
     assert (jobs["fit_fewshot"], jobs["fit_fewshot_seed"]) == (3, 3)
     assert (jobs["evaluate"], jobs["evaluate_seed"]) == (len(first), len(first) - n_base)
-    assert (jobs["decompose"], jobs["prepare_model"], jobs["prepare_data"], jobs["tables"], jobs["figures"]) == (1,) * 5
+    assert (jobs["decompose"], jobs["prepare_model"]) == (2, 2)  # tiny-llama and tiny-llava-next
+    assert (jobs["prepare_data"], jobs["tables"], jobs["figures"], jobs["vlm_report"]) == (1,) * 4
     cmds = snakemake_shell_commands(r.stdout)
     assert len(cmds) == sum(v for k, v in jobs.items() if k not in ("all", "total"))
     for rule, cmd in cmds:
@@ -63,7 +65,7 @@ def test_two_seeds_plan_each_seeded_job_twice_under_the_protocol(tmp_path):
 def test_two_seeds_build_per_seed_cells_and_paired_tables(tmp_path, data_mirror):
     """One real run, kept small: SVF on two training tasks, base + SVF cells, two seeds."""
     os.environ["T2EVAL_DATA_MIRROR"] = str(data_mirror)
-    extra = {"seeds": [42, 7], "train_svf": {"tasks": ["gsm8k", "arc_easy"]},
+    extra = {"seeds": [42, 7], "train_svf": {"tasks": ["gsm8k", "arc_easy"]}, "vlm": {"models": []},
              "evaluate": {"methods": ["base", "svf"], "train_tasks": ["gsm8k", "arc_easy"],
                           "unseen_tasks": ["arc_challenge"]}}
     r = _snakemake(tmp_path, extra)
