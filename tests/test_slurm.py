@@ -63,6 +63,7 @@ def _small_config(path: Path) -> Path:
     c["evaluate"].update(methods=["base", "svf"], train_tasks=["gsm8k"], unseen_tasks=[])
     c["ablations"] = {"models": []}
     c["cross_model"] = []
+    c["vlm"] = {"models": []}  # the cluster path is the same for the VLM's jobs (tests/test_dag_micro.py runs them)
     path.write_text(yaml.safe_dump(c))
     return path
 
