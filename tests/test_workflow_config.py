@@ -92,17 +92,21 @@ def test_paper_dag_plans_without_the_hub():
     r = _dry_run("--configfile", "workflow/config/paper.yaml")
     assert r.returncode == 0, r.stderr[-3000:]
     c = snakemake_job_counts(r.stdout)
-    assert c["prepare_model"] == 3 and c["evaluate"] + c["evaluate_seed"] == len(P.cells(load(CONFIGS["paper"])))
+    # 3 LLMs + llava-next-8b (the vlm: block, Figure 5)
+    assert c["prepare_model"] == 4 and c["evaluate"] + c["evaluate_seed"] == len(P.cells(load(CONFIGS["paper"])))
+    assert c["vlm_report"] == 1
     assert c["fit_fewshot"] == 9 and c["fit_fewshot_cross_model"] == 3
     # as released: λ = 0, one run per expert (11 = 3 models × 3 tasks + cls for the 8B models) + Table 4 variants;
     # seeds [42, 43, 44]: the two further seeds re-run every trained or searched artefact
-    assert "train_svf_kl" not in c and c["train_svf"] == 14 and c["train_svf_seed"] == 2 * 14
+    # (+ 1: the VLM's TextVQA expert)
+    assert "train_svf_kl" not in c and c["train_svf"] == 15 and c["train_svf_seed"] == 2 * 15
     assert c["fit_fewshot_seed"] == 2 * 9 and c["train_lora_seed"] == 2 * c["train_lora"]
     # the paper's λ sweep {0, .1, .2, .3} is the named overlay: 4 runs per (model, task) expert + one selection each
     r = _dry_run("--configfile", "workflow/config/paper.yaml", "workflow/config/paper-kl-sweep.yaml")
     assert r.returncode == 0, r.stderr[-3000:]
     c = snakemake_job_counts(r.stdout)
-    assert c["train_svf_kl"] == 4 * c["select_kl"] and c["select_kl"] == 11 and c["train_svf"] == 3
+    # (12 = the 11 LLM experts + the VLM's, swept like them under the overlay)
+    assert c["train_svf_kl"] == 4 * c["select_kl"] and c["select_kl"] == 12 and c["train_svf"] == 3
 
 
 def test_bad_config_stops_snakemake_with_a_clear_message(tmp_path):
