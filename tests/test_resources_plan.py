@@ -84,8 +84,8 @@ def test_estimates_match_measured_peak_memory(tiny_model, smollm2_dir, data_mirr
     runtime, got = measure(tiny_model), measure(smollm2_dir)
     shape = R.model_shape("embedded", smollm2_dir)
     for stage in ("decompose", "evaluate"):
-        # the plan's constant is a sane default: within a factor 1.5 of this host's runtime
-        assert runtime[stage] / 1.5 <= R.BASE_RSS_MB[stage] <= runtime[stage] * 1.5, (stage, runtime)
+        # the plan's constant is a sane default: within a factor 2 of this host's runtime (hosts differ by ~40%)
+        assert runtime[stage] / 2 <= R.BASE_RSS_MB[stage] <= runtime[stage] * 2, (stage, runtime)
         est = R.estimate(cfg, stage, "embedded", shape=shape, method="base").host_mb
         est += runtime[stage] - R.BASE_RSS_MB[stage]
         print(f"embedded {stage}: estimated {est:.0f} MiB (runtime here {runtime[stage]:.0f}, plan's "
