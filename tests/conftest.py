@@ -50,6 +50,22 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny(tiny_model) -> Path:
+    """The tiny random Llama (the name the trainer tests use)."""
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
+def svd_path(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model's MLP SVD cache, decomposed once per session (read-only for the tests that share it)."""
+    from t2eval.svd import decompose
+
+    out = tmp_path_factory.mktemp("svd") / "tiny-mlp.safetensors"
+    decompose(tiny_model, "mlp", out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The embedded model as an fp32 HF directory: reuses models/smollm2-135m when prepared, else builds it."""
     prepared = REPO / "models" / "smollm2-135m"

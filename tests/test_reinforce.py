@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from t2eval.errors import T2EvalError
-from t2eval.testing import tiny_model_dir
 
 STOP = ["Instruction:", "Instruction", "Response:", "Response"]
 WORDS = ["apple", "river", "stone", "cloud", "table", "music", "green", "seven", "light", "north",
@@ -44,20 +43,6 @@ class ToyTask:
 
     def score_batch(self, docs, completions):
         return [zlib.crc32(c.encode()) % 2 == 0 for c in completions]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_dir(0)
-
-
-@pytest.fixture(scope="module")
-def svd_path(tiny, tmp_path_factory):
-    from t2eval.svd import decompose
-
-    out = tmp_path_factory.mktemp("svd") / "tiny-mlp.safetensors"
-    decompose(tiny, "mlp", out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -10,26 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from t2eval.testing import tiny_model_dir
 
 from test_reinforce import ToyTask
 
 SVF_OUTPUTS = ("z.safetensors", "log.jsonl", "provenance.json")
 LORA_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "log.jsonl", "provenance.json")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model_dir(0)
-
-
-@pytest.fixture(scope="module")
-def svd_path(tiny, tmp_path_factory):
-    from t2eval.svd import decompose
-
-    out = tmp_path_factory.mktemp("svd") / "tiny-mlp.safetensors"
-    decompose(tiny, "mlp", out)
-    return out
 
 
 def _svf(tiny, svd_path, out, **kw):
