@@ -29,6 +29,19 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def json_object(text: str, what: str, example: str) -> dict[str, Any]:
+    """`text` parsed as a JSON object, or a clear error naming `what` (a flag or variable) and an example."""
+    import json
+
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise T2EvalError(f"{what} {text!r} is not JSON: {e}; give a JSON object, e.g. {example}") from None
+    if not isinstance(d, dict):
+        raise T2EvalError(f"{what} {text!r}: give a JSON object, e.g. {example}")
+    return d
+
+
 def load_yaml(path: str | os.PathLike) -> Any:
     """Load a YAML file with a clear error naming the file and line on failure."""
     p = Path(path)

@@ -187,13 +187,9 @@ def parse_task_options(text: str | dict | None) -> dict[str, Any]:
         return {}
     if isinstance(text, dict):
         return dict(text)
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise T2EvalError(f"--task-options {text!r} is not JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise T2EvalError(f"--task-options {text!r}: give a JSON object, e.g. '{{\"ocr_in_prompt\": true}}'")
-    return d
+    from .config import json_object
+
+    return json_object(text, "--task-options", '\'{"ocr_in_prompt": true}\'')
 
 
 def sample_correct(sample: dict, metric: str | None = None) -> int:

@@ -118,15 +118,9 @@ def env_overrides() -> dict[str, Any]:
     raw = os.environ.get(OVERRIDES_ENV_VAR)
     if not raw:
         return {}
-    import json
+    from .config import json_object
 
-    try:
-        over = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise T2EvalError(f"${OVERRIDES_ENV_VAR} is not a JSON object of knob values: {e}") from None
-    if not isinstance(over, dict):
-        raise T2EvalError(f"${OVERRIDES_ENV_VAR} must be a JSON object of knob values, not {raw!r}")
-    return over
+    return json_object(raw, f"${OVERRIDES_ENV_VAR} (knob values)", '\'{"arc_no_answer": "wrong"}\'')
 
 
 @contextlib.contextmanager
