@@ -98,8 +98,9 @@ def vlm_entries(cells: Sequence[Mapping[str, Any]], models: Sequence[str] | None
                         base_score = sum(a_aligned) / len(a_aligned)
                         diff, dlo, dhi = stats.paired_bootstrap_ci(a_aligned, per_doc, n_boot=n_boot)
                         base_one = outcomes(base[0])
-                        ps = [stats.paired_permutation_p([base_one[i] for i in ids], [outcomes(c)[i] for i in ids])
-                              for c in reps]
+                        seed_outs = [outcomes(c) for c in reps]
+                        ps = [stats.paired_permutation_p([base_one[i] for i in ids], [o[i] for i in ids])
+                              for o in seed_outs]
                         e.update(base_pct=100 * base_score, diff_base_pp=100 * diff, diff_base_ci_low_pp=100 * dlo,
                                  diff_base_ci_high_pp=100 * dhi, perm_p=max(ps),
                                  perm_p_seeds=";".join(f"{p:.6g}" for p in ps),
