@@ -312,7 +312,7 @@ def stage_values(cfg: Mapping[str, Any], stage: str, **wc: str) -> dict[str, Any
         targets, objective = LORA_VARIANTS[wc.get("lora_variant", "lora")]
         return {"model": model_dir(model), "task": wc["task"], "out": lora_adapter(model, wc["task"],
                 wc.get("lora_variant", "lora"), tag), "data_dir": data, "targets": targets, "objective": objective,
-                **stage_options(cfg, "train_lora"), "seed": seed, "dtype": model_setting(cfg, model, "dtype"),
+                **(cfg["vlm"]["train_lora"] if is_vlm(cfg, model) else stage_options(cfg, "train_lora")), "seed": seed, "dtype": model_setting(cfg, model, "dtype"),
                 "device": cfg["device"]}
     if stage == "select-expert":
         return {"candidates": [svf_kl_dir(model, wc["task"], k, tag) for k in cfg["train_svf"]["kl_sweep"]],

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "cross_model": [],
     # the VLM experiment (Figure 5): off unless vlm.models lists a model
     "vlm": {"models": [], "train_task": "textvqa", "eval_tasks": ["textvqa", "okvqa"], "methods": ["base", "svf"],
-            "svd_layers": "half", "train_svf": {}, "evaluate": {"limit": None, "max_new_tokens": None, "batch_size": 8}},
+            "svd_layers": "half", "train_svf": {}, "train_lora": {}, "evaluate": {"limit": None, "max_new_tokens": None, "batch_size": 8}},
     "resources": {
         "prepare": {"gpus": 0, "mem_mb": 32000, "runtime": 60, "threads": 4},
         "decompose": {"gpus": 0, "mem_mb": 64000, "runtime": 120, "threads": 8},

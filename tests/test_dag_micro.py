@@ -5,6 +5,7 @@ cell rebuilds only that cell and what is made from it."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -61,9 +62,12 @@ def test_micro_dag_end_to_end(tmp_path, data_mirror):
     # the VLM experiment (tiny-llava-next on synthetic TextVQA): cells with VQA accuracy, Figure 5, its table,
     # and no VLM rows in the LLM tables
     vlm = {(r["method"], r["task"]): r for r in csv.DictReader(open(work / "results" / "figures" / "fig5_vlm.csv"))}
-    assert set(vlm) == {("base", "synth_textvqa"), ("svf", "synth_textvqa")}
-    assert vlm[("svf", "synth_textvqa")]["n_docs"] == "4" and vlm[("svf", "synth_textvqa")]["diff_base_pp"] != ""
+    assert set(vlm) == {(m, "synth_textvqa") for m in ("base", "svf", "lora")}
+    for m in ("svf", "lora"):
+        assert vlm[(m, "synth_textvqa")]["n_docs"] == "4" and vlm[(m, "synth_textvqa")]["diff_base_pp"] != ""
     assert "Synth-TextVQA" in (work / "results" / "tables" / "table_vlm.md").read_text()
+    lora_vlm = json.loads((work / "experts/tiny-llava-next/lora/synth_textvqa/adapter_config.json").read_text())
+    assert "language_model" in str(lora_vlm["target_modules"])  # the VLM's adapter never targets the vision tower
     assert "tiny-llava-next" not in (tables / "table1.csv").read_text()
 
     # a second run does nothing

@@ -43,9 +43,9 @@ def test_two_seeds_plan_each_seeded_job_twice_under_the_protocol(tmp_path):
     first = [c for c in cells if c.seed is None]
     n_base = sum(c.method == "base" for c in first)
     # SVF experts of the 3 training tasks + the classifier expert, 3 task-LoRAs, 3 few-shot α: once per seed
-    # (+ the VLM's expert on synth_textvqa, micro's vlm: block: also once per seed)
+    # (+ the VLM's SVF expert and LoRA adapter on synth_textvqa, micro's vlm: block: also once per seed)
     assert (jobs["train_svf"], jobs["train_svf_seed"]) == (5, 5)
-    assert (jobs["train_lora"], jobs["train_lora_seed"]) == (3, 3)
+    assert (jobs["train_lora"], jobs["train_lora_seed"]) == (4, 4)
     assert (jobs["fit_fewshot"], jobs["fit_fewshot_seed"]) == (3, 3)
     assert (jobs["evaluate"], jobs["evaluate_seed"]) == (len(first), len(first) - n_base)
     assert (jobs["decompose"], jobs["prepare_model"]) == (2, 2)  # tiny-llama and tiny-llava-next

@@ -277,15 +277,12 @@ def test_t2_multimodal_evaluate_writes_vqa_cells(tiny_vlm, synth_data, vlm_svd, 
 def test_t2_multimodal_lora_adapter(tiny_vlm, synth_data, tmp_path):
     """adapter=lora:PATH on a VLM: a peft adapter on the language model's attention (scoped by a regex, so
     CLIP's own q_proj/v_proj stay out) loads through lm-eval's peft path and changes the answers."""
-    from peft import LoraConfig, get_peft_model
-
     from t2eval.evaluate import evaluate
     from t2eval.lm import T2LM
     from t2eval.models.loading import load_model
+    from t2eval.train.lora import lora_model
 
-    model = load_model(str(tiny_vlm))
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=r"model\.language_model\.layers\.\d+\.self_attn\.(q_proj|v_proj)")
-    peft_model = get_peft_model(model, cfg)
+    peft_model = lora_model(load_model(str(tiny_vlm)), rank=4, alpha=8, language_prefix="model.language_model")
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():

@@ -359,6 +359,8 @@ class LoRAAdapter(Strategy):
 
         if method in cls.ABLATION:
             src, variant = "gsm8k", cls.ABLATION[method][0]
+        elif method == "lora" and P.is_vlm(cfg, model):  # the VLM's one adapter, trained on its VQA train task
+            src, variant = cfg["vlm"]["train_task"], "lora"
         else:
             src, variant = (task if method == "lora" else method[5:]), "lora"
         spec.inputs["adapter"] = P.lora_marker(model, src, variant)

@@ -126,6 +126,19 @@ def build_backend(kind: str, model, tokenizer, cfg, svd=None, processor=None):
                         model=model, tokenizer=tokenizer, processor=processor)
 
 
+def vision_inputs(cfg, model):
+    """(processor, `hf_vlm.ImageEncoder`) of a vision-language model (`cfg.model`), (None, None) for a text
+    model: what a learner needs to roll out and score (prompt, image) pairs."""
+    from ..models.loading import is_vision_language, load_processor
+
+    if not is_vision_language(cfg.model):
+        return None, None
+    from ..backends.hf_vlm import ImageEncoder
+
+    processor = load_processor(cfg.model)
+    return processor, ImageEncoder(processor, dtype=model.dtype, device=cfg.device)
+
+
 def load_task(key: str, **options):
     """`get_task`, plus the training key cls_leakfree (= cls with leakfree=True)."""
     from ..tasks import get_task

@@ -8,6 +8,11 @@ the validation split scored by the task; the best-validation adapter is kept (pe
 `save_pretrained` files in the output dir), `checkpoints/latest.pt` allows resuming (see `loop`),
 and `log.jsonl` has one row per iteration like the SVF trainer.
 
+Vision-language models (issue 10): the adapter goes on the language model only (`target_modules`: a
+regex under its decoder prefix, since the vision tower has q_proj/v_proj too); rollouts and the loss take
+each sequence's image (`loop.vision_inputs`), so the NTP target is the task's reference answer given
+(image, question).
+
 `objective="pg"` (Table 4 row #5) trains the adapter with the SVF trainer's REINFORCE loss
 (train/losses.py): greedy rollouts of the current adapter, rewards ±1 from the task scorer.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,20 +36,31 @@ from .configs import LORA_TARGETS, LoRATrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LORA_TARGETS", "LoRATrainConfig", "LoRALearner", "lora_model", "lm_labels", "trainable_state",
+__all__ = ["LORA_TARGETS", "LoRATrainConfig", "LoRALearner", "target_modules", "lora_model", "lm_labels", "trainable_state",
            "save_adapter", "load_adapter", "train_lora"]
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def lora_model(model, rank: int = 16, alpha: int = 32, dropout: float = 0.05, targets: str = "attn",
-               seed: int = 0):
-    """Wrap `model` with a fresh, seeded peft LoRA adapter (base weights frozen)."""
-    from peft import LoraConfig, get_peft_model
-
+def target_modules(targets: str, language_prefix: str = ""):
+    """peft `target_modules` of a targets name: the projection names (a text model: every module so named)
+    or, with the `language_prefix` of a vision-language model's decoder, a regex that peft full-matches
+    against module names, so no vision-tower projection (CLIP has q_proj/v_proj too) gets an adapter."""
     if targets not in LORA_TARGETS:
         raise T2EvalError(f"unknown LoRA targets {targets!r}: use {' or '.join(LORA_TARGETS)}")
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS[targets],
-                     bias="none", task_type="CAUSAL_LM")
+    names = LORA_TARGETS[targets]
+    if not language_prefix:
+        return list(names)
+    return rf"{re.escape(language_prefix)}\..*\.({'|'.join(map(re.escape, names))})"
+
+
+def lora_model(model, rank: int = 16, alpha: int = 32, dropout: float = 0.05, targets: str = "attn",
+               seed: int = 0, language_prefix: str = ""):
+    """Wrap `model` with a fresh, seeded peft LoRA adapter (base weights frozen); `language_prefix`: see
+    `target_modules`."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                     target_modules=target_modules(targets, language_prefix), bias="none", task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, cfg)
@@ -100,12 +117,17 @@ class LoRALearner:
     stage, state_key, what, optimizer = "train-lora", "adapter", "the adapter weights", "adamw"
 
     def __init__(self, cfg: LoRATrainConfig):
-        from ..models.loading import load_model, load_tokenizer
+        from ..models.loading import load_model, load_tokenizer, resolve_model_dir
+        from ..svd import model_layout
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model = lora_model(load_model(cfg.model, dtype=cfg.dtype, device=cfg.device), cfg.rank, cfg.alpha,
-                                cfg.dropout, cfg.targets, cfg.seed)
+        base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.processor, self.image_encoder = loop.vision_inputs(cfg, base)
+        if self.processor is not None:
+            self.tokenizer = self.processor.tokenizer
+        prefix = model_layout(resolve_model_dir(cfg.model))["language_prefix"] if self.processor is not None else ""
+        self.model = lora_model(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.seed, language_prefix=prefix)
         self._params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def params(self) -> list[torch.Tensor]:
@@ -120,7 +142,7 @@ class LoRALearner:
                 p.copy_(state[n])
 
     def make_backend(self, cfg: LoRATrainConfig):
-        return loop.build_backend("hf", self.model, self.tokenizer, cfg)
+        return loop.build_backend("hf", self.model, self.tokenizer, cfg, processor=self.processor)
 
     @contextlib.contextmanager
     def generating(self, backend):

@@ -80,24 +80,22 @@ def z_stats(z: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def vision_inputs(cfg: SVFTrainConfig, model, svd):
-    """(processor, `hf_vlm.ImageEncoder`) of a vision-language model, (None, None) for a text model.
+    """(processor, `hf_vlm.ImageEncoder`) of a vision-language model, (None, None) for a text model
+    (`loop.vision_inputs`).
 
     Refuses an SVD cache with a matrix outside the language model (scope other than "language"):
-    SVF on a VLM scales language-model matrices only."""
-    from ..models.loading import is_vision_language, load_processor
+    SVF on a vision-language model scales language-model matrices only."""
+    from ..models.loading import is_vision_language
 
-    if not is_vision_language(cfg.model):
-        return None, None
-    from ..backends.hf_vlm import ImageEncoder
-    from ..svd import model_layout
+    if is_vision_language(cfg.model):
+        from ..svd import model_layout
 
-    prefix = model_layout(cfg.model)["language_prefix"]
-    outside = [n for n in svd.names if not n.startswith(prefix + ".")]
-    if outside:
-        raise T2EvalError(f"SVD cache {cfg.svd} scales {outside[0]}, outside the language model ({prefix}): SVF on a "
-                          "vision-language model scales language-model matrices only; decompose with scope language")
-    processor = load_processor(cfg.model)
-    return processor, ImageEncoder(processor, dtype=model.dtype, device=cfg.device)
+        prefix = model_layout(cfg.model)["language_prefix"]
+        outside = [n for n in svd.names if not n.startswith(prefix + ".")]
+        if outside:
+            raise T2EvalError(f"SVD cache {cfg.svd} scales {outside[0]}, outside the language model ({prefix}): SVF on "
+                              "a vision-language model scales language-model matrices only; decompose with scope language")
+    return loop.vision_inputs(cfg, model)
 
 
 class SVFLearner:
