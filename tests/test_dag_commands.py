@@ -72,7 +72,7 @@ def test_every_dag_command_parses(config, tmp_path):
         assert all(ns.limit == 400 for ns in evals)
         return
     if config == "vlm-demo":  # the embedded VLM only: its model after SmolLM2's, VQA data, half the layers
-        assert rules == {"prepare_model", "prepare_data", "decompose", "train_svf", "evaluate", "vlm_report"}
+        assert rules == {"prepare_model", "prepare_data", "decompose", "train_svf", "train_lora", "evaluate", "vlm_report"}
         assert {ns.model for rule, _, ns in parsed if rule == "prepare_model"} == {"smollm2-135m", "smollm2-llava"}
         prep = next(ns for rule, _, ns in parsed if rule == "prepare_data")
         assert prep.datasets == "synth_textvqa" and prep.synth_textvqa_sizes == "train=400,valid=48,test=200"
@@ -81,8 +81,11 @@ def test_every_dag_command_parses(config, tmp_path):
         train = next(ns for rule, _, ns in parsed if rule == "train_svf")
         assert train.task == "synth_textvqa" and train.svd == "svd/smollm2-llava-mlp.safetensors"
         evals = {ns.method: ns for rule, _, ns in parsed if rule == "evaluate"}
-        assert set(evals) == {"base", "svf"} and all(ns.task == "synth_textvqa" for ns in evals.values())
+        assert set(evals) == {"base", "svf", "lora"} and all(ns.task == "synth_textvqa" for ns in evals.values())
         assert "experts/smollm2-llava/svf/synth_textvqa/z.safetensors" in evals["svf"].model_args
+        lora = next(ns for rule, _, ns in parsed if rule == "train_lora")  # vlm.train_lora's options, not train_lora's
+        assert (lora.task, lora.iterations, lora.lr, lora.eval_limit) == ("synth_textvqa", 16, 5e-4, 48)
+        assert "adapter=lora:experts/smollm2-llava/lora/synth_textvqa" in evals["lora"].model_args
         return
     assert {"prepare_model", "prepare_data", "decompose", "train_svf", "train_lora", "fit_fewshot", "evaluate",
             "tables", "figures"} <= rules
