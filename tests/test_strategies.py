@@ -121,22 +121,6 @@ def oracle():
 
 
 @pytest.fixture(scope="module")
-def tiny() -> str:
-    from t2eval.testing import tiny_model_dir
-
-    return str(tiny_model_dir(0))
-
-
-@pytest.fixture(scope="module")
-def svd_path(tiny, tmp_path_factory) -> str:
-    from t2eval.svd import decompose
-
-    out = tmp_path_factory.mktemp("svd") / "tiny-mlp.safetensors"
-    decompose(tiny, "mlp", out=out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def experts(svd_path, tmp_path_factory) -> dict[str, str]:
     """math: constant z (= base weights under the code parameterisation); code/reasoning: random z."""
     import torch
