@@ -101,11 +101,11 @@ def _resps(res, task):
 
 @pytest.fixture(scope="module")
 def stock(tiny, toy_tasks):
-    return _run("hf", toy_tasks, ["toy_gen", "toy_mc"], pretrained=tiny, dtype="float32")
+    return _run("hf", toy_tasks, ["toy_gen", "toy_mc"], pretrained=str(tiny), dtype="float32")
 
 
 def test_t2_adapter_none_equals_stock_hf(stock, tiny, toy_tasks):
-    res = _run("t2", toy_tasks, ["toy_gen", "toy_mc"], pretrained=tiny, dtype="float32")
+    res = _run("t2", toy_tasks, ["toy_gen", "toy_mc"], pretrained=str(tiny), dtype="float32")
     for task in ("toy_gen", "toy_mc"):
         assert _resps(res, task) == _resps(stock, task)
         assert res["results"][task] == stock["results"][task]
@@ -116,7 +116,7 @@ def test_t2_adapter_none_equals_stock_hf(stock, tiny, toy_tasks):
 def test_constant_z_expert_gives_base_outputs(stock, tiny, toy_tasks, svd_path, experts):
     from t2eval.lm import T2LM
 
-    lm = T2LM(pretrained=tiny, adapter=f"svf:{experts['const']}", svd=svd_path, batch_size=8)
+    lm = T2LM(pretrained=str(tiny), adapter=f"svf:{experts['const']}", svd=str(svd_path), batch_size=8)
     res = _run(lm, toy_tasks, ["toy_gen", "toy_mc"])
     assert _resps(res, "toy_gen") == _resps(stock, "toy_gen")
     # loglikelihoods: W' = U diag(σ) Vᵀ reconstructs W up to fp32 rounding
@@ -131,7 +131,7 @@ def test_constant_z_expert_gives_base_outputs(stock, tiny, toy_tasks, svd_path, 
 def test_random_expert_changes_outputs(stock, tiny, toy_tasks, svd_path, experts):
     from t2eval.lm import T2LM
 
-    lm = T2LM(pretrained=tiny, adapter=f"svf:{experts['math']}", svd=svd_path, batch_size=8)
+    lm = T2LM(pretrained=str(tiny), adapter=f"svf:{experts['math']}", svd=str(svd_path), batch_size=8)
     res = _run(lm, toy_tasks, ["toy_mc"])
     assert [r for _, r in _resps(res, "toy_mc")] != [r for _, r in _resps(stock, "toy_mc")]
 
@@ -145,7 +145,7 @@ def test_second_pass_groups_interleaved_and_keeps_order(tiny, svd_path, experts)
     from t2eval.lm import T2LM
 
     # protocol corrected: "other" → base weights (the release's "last expert loaded": test_release_dispatch.py)
-    lm = T2LM(pretrained=tiny, strategy="prompt", svd=svd_path, batch_size=8, protocol="corrected",
+    lm = T2LM(pretrained=str(tiny), strategy="prompt", svd=str(svd_path), batch_size=8, protocol="corrected",
               experts=";".join(f"{n}:{experts[n]}" for n in ("math", "code", "reasoning")))
     gk = {"until": ["NEVER-STOP-HERE"], "max_gen_toks": 5, "do_sample": False}
     prompts = [lm.apply_chat_template([{"role": "user", "content": d["q"]}]) for d in DOCS]
@@ -169,7 +169,7 @@ def test_two_pass_prompt_strategy_records(tiny, toy_tasks, svd_path, experts):
     pytest.importorskip("t2eval.tasks.cls")
     from t2eval.lm import T2LM
 
-    lm = T2LM(pretrained=tiny, strategy="prompt", svd=svd_path, cls_max_new_tokens=8, batch_size=8,
+    lm = T2LM(pretrained=str(tiny), strategy="prompt", svd=str(svd_path), cls_max_new_tokens=8, batch_size=8,
               experts=";".join(f"{n}:{experts[n]}" for n in ("math", "code", "reasoning")))
     res = _run(lm, toy_tasks, ["toy_gen", "toy_mc"], limit=4)
     for task in ("toy_gen", "toy_mc"):
@@ -188,13 +188,13 @@ def test_bad_model_args_are_actionable(tiny, experts):
     from t2eval.lm import T2LM
 
     with pytest.raises(T2EvalError, match="needs the three experts"):
-        T2LM(pretrained=tiny, strategy="prompt")
+        T2LM(pretrained=str(tiny), strategy="prompt")
     with pytest.raises(T2EvalError, match="adapter="):
-        T2LM(pretrained=tiny, adapter="svf")
+        T2LM(pretrained=str(tiny), adapter="svf")
     with pytest.raises(T2EvalError, match="expert vector not found"):
-        T2LM(pretrained=tiny, adapter="svf:/nonexistent")
+        T2LM(pretrained=str(tiny), adapter="svf:/nonexistent")
     with pytest.raises(T2EvalError, match="svd="):
-        T2LM(pretrained=tiny, adapter=f"svf:{experts['math']}")
+        T2LM(pretrained=str(tiny), adapter=f"svf:{experts['math']}")
 
 
 def test_stock_lm_eval_cli_finds_t2(tiny, toy_tasks, tmp_path):

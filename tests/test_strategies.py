@@ -153,6 +153,7 @@ def data_dir(data_mirror, tmp_path_factory):
 def _cell(tiny, data_dir, tmp_path, method, **t2):
     from t2eval.evaluate import build_lm, evaluate
 
+    tiny = str(tiny)
     lm = build_lm(tiny, {**t2}, batch_size=4, device="cpu")
     cell = evaluate(tiny, method, "gsm8k", tmp_path / method / "gsm8k.json", t2, limit=3, data_dir=str(data_dir),
                     lm=lm, gen_kwargs="max_gen_toks=4")
@@ -164,7 +165,7 @@ def test_oracle_strategy_is_one_class_and_one_registry_line(oracle, tiny, svd_pa
     """Registered only here: the real `t2` HF model runs its first pass, groups by expert, and
     `evaluate` keeps its dispatch rows and first-pass timing in the cell exactly as for Prompt."""
     monkeypatch.setenv("T2EVAL_DATA_DIR", str(data_dir))
-    args = {"svd": svd_path, "experts": ";".join(f"{n}:{p}" for n, p in experts.items())}
+    args = {"svd": str(svd_path), "experts": ";".join(f"{n}:{p}" for n, p in experts.items())}
     lm, cell = _cell(tiny, data_dir, tmp_path, "t2-oracle", strategy="oracle", **args)
     assert type(lm.t2_strategy) is Oracle
     (rec,) = lm.t2_records.values()
