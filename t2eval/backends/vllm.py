@@ -162,7 +162,7 @@ def _state(llm) -> dict:
 
 def _driver_state(llm, svd_path: str, model_dir: str | None) -> dict:
     from ..svd import load_svd
-    from .vllm_worker import read_checkpoint, sibling_names
+    from .vllm_worker import checkpoint_names, read_checkpoint, sibling_names
 
     top = _state(llm)
     st = top["reload"]
@@ -170,15 +170,17 @@ def _driver_state(llm, svd_path: str, model_dir: str | None) -> dict:
         mdir = model_dir or llm.llm_engine.vllm_config.model_config.model
         cache = load_svd(svd_path, verify_weights=False)
         packed = _rpc(llm, "t2_packed_modules")[0]
-        sib = sibling_names(cache.names, packed)
-        st = top["reload"] = {"svd_path": str(svd_path), "cache": cache, "packed": packed,
-                              "base": read_checkpoint(mdir, list(cache.names) + sib), "patched": set()}
+        to_ckpt = checkpoint_names(mdir, cache.names)  # module name -> stored name
+        stored = list(to_ckpt.values())
+        sib = sibling_names(stored, packed)
+        st = top["reload"] = {"svd_path": str(svd_path), "cache": cache, "packed": packed, "to_ckpt": to_ckpt,
+                              "base": read_checkpoint(mdir, stored + sib), "patched": set()}
     return st
 
 
 def _compose_reload(llm, scales, svd_path: str, model_dir: str | None, transfer: str = "file") -> None:
     from ..svf import compose
-    from .vllm_worker import pack_tensors, sibling_names
+    from .vllm_worker import pack_tensors, reload_names
 
     if transfer not in ("file", "bytes"):
         raise T2EvalError(f"unknown transfer {transfer!r}: use 'file' or 'bytes'")
@@ -192,9 +194,10 @@ def _compose_reload(llm, scales, svd_path: str, model_dir: str | None, transfer:
     touched = set(scales) | st["patched"]
     if not touched:
         return
-    names = touched | set(sibling_names(touched, st["packed"]))
     dtype = _model_dtype(llm)
-    mats = {n: (compose(*cache.usv(n), scales[n], dtype) if n in scales else st["base"][n]) for n in names}
+    # stored (checkpoint) names, what vLLM's reload takes; scales and the cache are keyed by module names
+    mats = {s: (compose(*cache.usv(n), scales[n], dtype) if n in scales else st["base"][s])
+            for s, n in reload_names(touched, st["to_ckpt"], st["packed"])}
     if transfer == "bytes":
         _rpc(llm, "t2_reload_blob", pack_tensors(mats))
     else:
