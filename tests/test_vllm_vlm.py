@@ -292,6 +292,9 @@ def test_t2_backend_vllm_on_a_vlm_says_why_it_cannot_load(tiny_vlm, vlm_svd, tmp
     with pytest.raises(T2EvalError, match="strategy=cls needs a dispatch first pass"):
         T2LM(pretrained=str(tiny_vlm), backend="vllm", strategy="cls", svd=vlm_svd, cls_expert=e, expert_math=e,
              expert_code=e, expert_reasoning=e)
+    with pytest.raises(T2EvalError, match="strategy=fewshot needs an expert mixture"):
+        T2LM(pretrained=str(tiny_vlm), backend="vllm", strategy="fewshot", svd=vlm_svd, alpha=str(tmp_path / "a.json"),
+             expert_math=e, expert_code=e, expert_reasoning=e)
 
 
 @needs_no_torchvision
