@@ -5,7 +5,8 @@
 
 (lm-eval 0.4.13 cannot discover plugin models by itself: see `t2eval.lm_eval_plugin`.)
 A vision-language checkpoint (config.json with a vision_config) gets the multimodal flavour
-`t2eval.vlm_lm.T2VLM` (base / svf / lora, HF backend; tasks t2_textvqa, t2_okvqa, t2_synth_textvqa).
+`t2eval.vlm_lm.T2VLM` (base / svf / lora; tasks t2_textvqa, t2_okvqa, t2_synth_textvqa), with backend=vllm
+`t2eval.backends.vllm_vlm_lm.T2VLLMVLM` (needs torchvision: GPU stacks).
 
 model_args
   pretrained     registry key or HF directory (t2eval.models.resolve_model_dir)
@@ -389,11 +390,17 @@ def resolve_pretrained(pretrained) -> str:
 @register_model("t2")
 class T2LM(TwoPassMixin, HFLM):
     """backend=hf flavour (also the registered class; backend=vllm returns a
-    `t2eval.backends.vllm_lm.T2VLLM`, a vision-language checkpoint a `t2eval.vlm_lm.T2VLM`)."""
+    `t2eval.backends.vllm_lm.T2VLLM`, a vision-language checkpoint a `t2eval.vlm_lm.T2VLM` or, with
+    backend=vllm, a `t2eval.backends.vllm_vlm_lm.T2VLLMVLM`)."""
 
     def __new__(cls, *args, **kwargs):
         if cls is T2LM and _is_vlm(kwargs.get("pretrained", args[0] if args else None)):
-            from .vlm_lm import T2VLM  # multimodal mode (issue 10): base / svf / lora, HF backend
+            # multimodal mode (issue 10): base / svf / lora
+            if str(kwargs.get("backend", "hf")) == "vllm":
+                from .backends.vllm_vlm_lm import T2VLLMVLM
+
+                return T2VLLMVLM(*args, **kwargs)
+            from .vlm_lm import T2VLM
 
             return T2VLM(*args, **kwargs)
         if cls is T2LM and str(kwargs.get("backend", "hf")) == "vllm":

@@ -20,7 +20,8 @@ generation; this class adds what `t2` adds to a text model:
 * the protocol's BOS rule (`tokens`): ``double`` = the tokenizer's default, ``single`` = no second BOS
   where the rendered text already starts with it.
 
-backend=vllm for a VLM is not wired here (HF only).
+backend=vllm builds the vLLM flavour instead (`t2eval.backends.vllm_vlm_lm.T2VLLMVLM`, through `T2LM`),
+which shares `check_vlm_strategy` and the chat rendering (`StringChatTemplate`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,22 @@ def text_context_length(model_dir) -> int | None:
     return int(n) if n else None
 
 
-class T2VLM(TwoPassMixin, HFMultimodalLM):
+class StringChatTemplate:
+    """The chat rendering of the `t2` VLM flavours: the tokenizer's own chat template over string content
+    (the ``<image>`` placeholder inside the user's text), so the rendered context equals `Task.prompt`
+    (lm-eval's multimodal classes would turn the content into typed parts for the processor's template)."""
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        self.chat_applied = True
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template if chat_template else None
+
+
+class T2VLM(StringChatTemplate, TwoPassMixin, HFMultimodalLM):
     """`t2` on a vision-language checkpoint (HF backend); see the module docstring."""
 
     MULTIMODAL = True
@@ -62,9 +78,9 @@ class T2VLM(TwoPassMixin, HFMultimodalLM):
         from .backends.hf import HFScaleSwapper
 
         cfg, backend, kw = split_t2_kwargs(kwargs)
-        if backend != "hf":
-            raise T2EvalError(f"backend={backend} is not wired for vision-language checkpoints ({pretrained}): "
-                              "use backend=hf")
+        if backend != "hf":  # T2LM builds the vLLM flavour for backend=vllm
+            raise T2EvalError(f"T2VLM is the HF flavour: for backend={backend} build the model through t2eval.lm.T2LM "
+                              "(lm-eval's `--model t2`)")
         strategy = cfg.validate()
         check_vlm_strategy(strategy)
         strategy.hf_kwargs(kw)  # peft= for adapter=lora:PATH
@@ -77,16 +93,6 @@ class T2VLM(TwoPassMixin, HFMultimodalLM):
         super().__init__(pretrained=self.t2_pretrained_dir, dtype=dtype, batch_size=batch_size, device=device, **kw)
         self.t2_swapper = HFScaleSwapper(self.model, lambda: self.t2_bank.svd)
         self._t2_setup(cfg)
-
-    # -- prompts: the tokenizer's chat template over string content (= Task.prompt) ------------------
-    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        self.chat_applied = True
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt,
-                                                  continue_final_message=not add_generation_prompt)
-
-    def chat_template(self, chat_template: bool | str = False) -> str | None:
-        return self.tokenizer.chat_template if chat_template else None
 
     def tok_batch_multimodal_encode(self, strings, images, padding_side: str = "left", left_truncate_len=None,
                                     truncation: bool = False):

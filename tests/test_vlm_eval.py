@@ -345,8 +345,6 @@ def test_dispatch_and_mixture_strategies_refused_on_a_vlm(tiny_vlm, vlm_svd, exp
     with pytest.raises(T2EvalError, match="strategy=cls needs a dispatch first pass"):
         T2LM(pretrained=str(tiny_vlm), strategy="cls", svd=vlm_svd, cls_expert=e, expert_math=e, expert_code=e,
              expert_reasoning=e)
-    with pytest.raises(T2EvalError, match="backend=vllm is not wired"):
-        T2LM(pretrained=str(tiny_vlm), backend="vllm")
 
 
 @pytest.mark.slow

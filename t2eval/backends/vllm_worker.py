@@ -21,6 +21,14 @@ sibling shards (their checkpoint tensors). Other layers are not sent at all: vLL
 weights of layers that received nothing (measured: reloading the 90 MLP matrices of SmolLM2-135M is
 enough, see benchmarks/bench_swap.py).
 
+Names: SVD caches and scale files are keyed by *module names in memory* (what
+`t2eval.svd`/`t2eval.svf` use; LLaVA-NeXT in transformers 5: ``model.language_model.layers.N...``),
+while the checkpoint stores ``language_model.model.layers.N...`` and ``reload_weights(
+is_checkpoint_format=True)`` takes stored names (the names vLLM loaded at start). `checkpoint_names`
+maps one to the other (`svd.model_layout`'s ``module_to_checkpoint``; identity for text models):
+checkpoint tensors are read, siblings derived and reloads sent under stored names, while the
+worker state (factors, scales, what is patched) stays keyed by module names.
+
 Every function takes the vLLM worker as first argument, so it can be sent as a callable
 (``llm.collective_rpc(fn, args=...)``, needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` in the
 engine's environment) or used through :class:`SVFWorkerExtension`
@@ -74,6 +82,30 @@ def sibling_names(names: Iterable[str], packed: Mapping[str, list[str]] | None =
             if mod in shards:
                 out.update(f"{prefix}.{s}.{leaf}" for s in shards)
     return sorted(out - want)
+
+
+def checkpoint_names(model_dir: str | Path, names: Iterable[str]) -> dict[str, str]:
+    """{module name: stored (checkpoint) name} for the module names `names` of `model_dir`
+    (`svd.model_layout`; identity for text models)."""
+    from ..errors import T2EvalError
+    from ..svd import model_layout
+
+    to_ckpt = model_layout(model_dir)["module_to_checkpoint"]
+    names = list(names)
+    missing = [n for n in names if n not in to_ckpt]
+    if missing:
+        raise T2EvalError(f"{model_dir} has no tensor(s) {missing[:3]}: the SVD cache or scales were made "
+                          "for another model")
+    return {n: to_ckpt[n] for n in names}
+
+
+def reload_names(touched: Iterable[str], to_ckpt: Mapping[str, str],
+                 packed: Mapping[str, list[str]] | None = None) -> list[tuple[str, str | None]]:
+    """What one reload sends, in reload order: (stored name, module name) for each touched module,
+    (stored name, None) for each untouched fused sibling shard (stored form)."""
+    stored = {to_ckpt[n]: n for n in touched}
+    sib = sibling_names(stored, packed)
+    return [(s, stored.get(s)) for s in reload_order(set(stored) | set(sib))]
 
 
 def reload_order(names: Iterable[str]) -> list[str]:
@@ -159,9 +191,11 @@ def load_svd(worker, svd_path: str, model_dir: str | None = None) -> dict:
     mdir = model_dir or worker.vllm_config.model_config.model
     device = getattr(worker.model_runner, "device", torch.device("cpu"))
     cache = _load_svd(svd_path, device="cpu", verify_weights=False)
-    names = list(cache.names)
-    sib = sibling_names(names, packed_modules(worker))
-    base = read_checkpoint(mdir, names + sib)
+    names = list(cache.names)  # module names
+    to_ckpt = checkpoint_names(mdir, names)
+    stored = [to_ckpt[n] for n in names]
+    sib = sibling_names(stored, packed_modules(worker))
+    base = read_checkpoint(mdir, stored + sib)  # keyed by stored names
     factors = {n: tuple(t.to(device) for t in cache.usv(n)) for n in names}
     dtype = worker.vllm_config.model_config.dtype
     summary = {"svd_path": str(svd_path), "model_dir": str(mdir), "n_matrices": len(names),
@@ -169,15 +203,16 @@ def load_svd(worker, svd_path: str, model_dir: str | None = None) -> dict:
                "factor_bytes": sum(t.numel() * t.element_size() for f in factors.values() for t in f),
                "load_s": time.perf_counter() - t0}
     setattr(worker, _STATE_ATTR, {"svd_path": str(svd_path), "names": names, "siblings": sib,
-                                  "factors": factors, "base": base, "dtype": dtype,
+                                  "to_ckpt": to_ckpt, "factors": factors, "base": base, "dtype": dtype,
                                   "patched": set(), "summary": summary})
     return summary
 
 
 def set_scales(worker, blob: bytes | None) -> float:
-    """Worker-composed mode: W′ = U diag(σ ⊙ s) Vᵀ for every matrix in the scales blob, the
-    original tensor for every matrix patched before but absent now (and for all of them when
-    `blob` is None), plus fused siblings; then reload in place. Returns seconds spent."""
+    """Worker-composed mode: W′ = U diag(σ ⊙ s) Vᵀ for every matrix in the scales blob (keyed by
+    module names), the original tensor for every matrix patched before but absent now (and for all
+    of them when `blob` is None), plus fused siblings; then reload in place under the stored names.
+    Returns seconds spent."""
     from ..errors import T2EvalError
     from ..svf import compose
 
@@ -195,16 +230,16 @@ def set_scales(worker, blob: bytes | None) -> float:
         touched = set(st["patched"])
     if not touched:
         return time.perf_counter() - t0
-    sib = sibling_names(touched, packed_modules(worker))
+    plan = reload_names(touched, st["to_ckpt"], packed_modules(worker))
     dtype = st["dtype"]
 
     def weights():
-        for n in reload_order(touched | set(sib)):
+        for stored, n in plan:
             if n in scales:
                 U, S, V = st["factors"][n]
-                yield n, compose(U, S, V, scales[n].to(S.device), dtype)
+                yield stored, compose(U, S, V, scales[n].to(S.device), dtype)
             else:
-                yield n, st["base"][n]
+                yield stored, st["base"][stored]
 
     _reload(worker, weights())
     st["patched"] = set(scales)

@@ -118,7 +118,8 @@ def make_optimizer(params: Sequence[torch.Tensor], kind: str, lr: float, iterati
 def build_backend(kind: str, model, tokenizer, cfg, svd=None, processor=None):
     """The rollout/evaluation backend (`backends.make_backend`): HF shares the training model (rollouts see
     its current weights); vLLM starts its own engine on the model directory. With a `processor` (a
-    vision-language model) the HF backend generates from (prompt, image) pairs."""
+    vision-language model) either backend generates from (prompt, image) pairs (vLLM's LLaVA needs torchvision:
+    where it is missing, `--backend vllm` stops with an error saying so)."""
     from ..backends import make_backend
 
     return make_backend(kind, cfg.model, svd=svd if kind == "hf" else getattr(cfg, "svd", None), dtype=cfg.dtype,

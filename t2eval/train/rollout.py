@@ -7,7 +7,7 @@ correctness into rewards (+1 / -1); a split's accuracy is `rollout(...).accuracy
 
 Image tasks (`ImageTask`, issue 10: the VQA tasks on a vision-language model) plug into the same
 rollout: each doc's image (`doc_image`) goes to the backend with its prompt
-(`backends.hf_vlm.HFVLMBackend`), the metric is the task's graded score (VQA accuracy, 0..1, its mean
+(`backends.hf_vlm.HFVLMBackend`, or `backends.vllm.VLLMBackend` where vLLM can load the model), the metric is the task's graded score (VQA accuracy, 0..1, its mean
 the split's accuracy), and the reward is the task's own `reward(doc, completion)` (binary: +1 if the
 accuracy is > 0 else −0.1). The rollout keeps the images for the loss (`Rollout.images`).
 """
