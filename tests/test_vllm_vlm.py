@@ -311,3 +311,29 @@ def test_vllm_backend_and_trainer_backend_on_a_vlm_say_why(tiny_vlm, vlm_svd, pr
     assert learner.processor is not None
     with pytest.raises(T2EvalError, match="vLLM cannot load the vision-language model .*torchvision"):
         learner.make_backend(cfg)
+
+
+def test_a_trained_vlm_lora_adapter_maps_onto_vllms_language_model_modules(tiny_vlm, vllm_llava, tmp_path):
+    """An adapter as train-lora saves it on the VLM (peft names in memory, `base_model.model.model.language_model…`)
+    is read by vLLM's own LoRA name parser with the model's rename mapper (what its LoRA worker manager passes)
+    onto the language model's modules in vLLM's naming, and its config (a scoped regex) is legal for vLLM."""
+    from safetensors import safe_open
+    from vllm.config import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    from t2eval.models.loading import load_model
+    from t2eval.train.lora import lora_model, save_adapter
+
+    model = lora_model(load_model(str(tiny_vlm)), rank=4, alpha=8, language_prefix="model.language_model")
+    save_adapter(model, tmp_path / "lora")
+    with safe_open(tmp_path / "lora" / "adapter_model.safetensors", "pt") as h:
+        keys = list(h.keys())
+    _, mapper = vllm_llava
+    parsed = {parse_fine_tuned_lora_name(k, mapper.get_rename_mapper()) for k in keys}
+    n_layers = model.config.text_config.num_hidden_layers
+    assert parsed == {(f"language_model.model.layers.{i}.self_attn.{p}", a)
+                      for i in range(n_layers) for p in ("q_proj", "v_proj") for a in (True, False)}
+    helper = PEFTHelper.from_local_dir(str(tmp_path / "lora"), 4096)
+    helper.validate_legal(LoRAConfig(max_lora_rank=16))
+    assert helper.r == 4 and "language_model" in helper.target_modules
