@@ -66,6 +66,50 @@ def svd_path(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm() -> Path:
+    """The tiny random LLaVA-NeXT (vision-language tests)."""
+    from t2eval.models.llava import tiny_llava_next_dir
+
+    return tiny_llava_next_dir(0)
+
+
+@pytest.fixture(scope="session")
+def vlm_svd(tiny_vlm, tmp_path_factory) -> str:
+    """The tiny VLM's MLP SVD cache (language model only), decomposed once per session (read-only)."""
+    from t2eval.svd import decompose
+
+    out = tmp_path_factory.mktemp("vlm-svd") / "tiny-llava-next-mlp.safetensors"
+    decompose(tiny_vlm, "mlp", out=out)
+    return str(out)
+
+
+def per_sample_pg(model, svd, z, samples, n: int):
+    """The REINFORCE reference the batched trainer loss must equal: one un-batched forward per sequence with
+    W′(z) (`svf.functional_weights`, code parameterisation), loss −r/n · log π(completion | prompt).
+    `samples`: (prompt ids, completion ids, reward, extra forward kwargs such as a VLM's pixel values);
+    empty completions are skipped. Returns (the z gradient as one vector, the summed loss)."""
+    import torch
+    from torch.func import functional_call
+
+    from t2eval import svf
+
+    total = torch.zeros(sum(v.numel() for v in z.values()))
+    pg = 0.0
+    for p, c, r, extra in samples:
+        if not c:
+            continue
+        W = svf.functional_weights(z, svd, "code")
+        kw = {"input_ids": torch.tensor([list(p) + list(c)]), **extra}
+        logits = functional_call(model, W, args=(), kwargs=kw).logits[0, len(p) - 1:-1]
+        ll = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).sum()
+        loss = -ll * r / n
+        grads = torch.autograd.grad(loss, list(z.values()))
+        total += torch.cat([g.reshape(-1) for g in grads])
+        pg += float(loss.detach())
+    return total, pg
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory) -> Path:
     """The embedded model as an fp32 HF directory: reuses models/smollm2-135m when prepared, else builds it."""
     prepared = REPO / "models" / "smollm2-135m"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import per_sample_pg
 from t2eval.errors import T2EvalError
 
 STOP = ["Instruction:", "Instruction", "Response:", "Response"]
@@ -69,8 +70,6 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("max_pad_frac", [1.0, 0.0])  # padded micro-batches of 3 / one sequence each
 def test_batched_gradient_equals_per_sample(loaded, monkeypatch, max_pad_frac):
-    from torch.func import functional_call
-
     from t2eval import svf
     from t2eval.train import losses
     from t2eval.train.reinforce import svf_policy_gradient
@@ -87,19 +86,7 @@ def test_batched_gradient_equals_per_sample(loaded, monkeypatch, max_pad_frac):
 
     # reference: the per-sample formula, unpadded, plain autograd end to end
     z = {n: v.clone().requires_grad_(True) for n, v in z0.items()}
-    total = torch.zeros(sum(v.numel() for v in z.values()))
-    pg = 0.0
-    for p, c, r in zip(p_ids, c_ids, rewards):
-        if not c:
-            continue
-        W = svf.functional_weights(z, svd, "code")
-        ids = torch.tensor([p + c])
-        logits = functional_call(model, W, args=(), kwargs={"input_ids": ids}).logits[0, len(p) - 1:-1]
-        ll = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).sum()
-        loss = -ll * r / len(rewards)
-        grads = torch.autograd.grad(loss, list(z.values()))
-        total += torch.cat([g.reshape(-1) for g in grads])
-        pg += float(loss.detach())
+    total, pg = per_sample_pg(model, svd, z, [(p, c, r, {}) for p, c, r in zip(p_ids, c_ids, rewards)], len(rewards))
     assert torch.linalg.norm(total) > 0
     assert _rel(g_batched, total) <= 1e-5
     assert stats["pg_loss"] == pytest.approx(pg, rel=1e-5)

@@ -30,7 +30,6 @@ import torch
 from PIL import Image
 
 from t2eval.errors import T2EvalError
-from t2eval.models.llava import tiny_llava_next_dir
 
 pytest.importorskip("vllm", reason="vllm is not importable")
 
@@ -40,24 +39,10 @@ LM = "model.language_model.layers."
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm() -> Path:
-    return tiny_llava_next_dir(0)
-
-
-@pytest.fixture(scope="module")
 def hf_vlm(tiny_vlm):
     from t2eval.models.loading import load_model
 
     return load_model(str(tiny_vlm))
-
-
-@pytest.fixture(scope="module")
-def vlm_svd(tiny_vlm, tmp_path_factory) -> str:
-    from t2eval.svd import decompose
-
-    out = tmp_path_factory.mktemp("vlm-svd") / "tiny-llava-next-mlp.safetensors"
-    decompose(tiny_vlm, "mlp", out=out)
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from t2eval.models.llava import IMAGE_TOKEN, build_smollm2_llava, build_tiny_llava_next, tiny_llava_next_dir
+from t2eval.models.llava import IMAGE_TOKEN, build_smollm2_llava, build_tiny_llava_next
 from t2eval.models.loading import is_vision_language, load_model, load_processor
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm():
-    return tiny_llava_next_dir(0)
 
 
 def vlm_inputs(d, text="What does the sign say?", size=(40, 30)):

@@ -13,14 +13,8 @@ import torch
 from PIL import Image
 
 from t2eval.errors import CorruptArtifactError, MissingDatasetError, T2EvalError
-from t2eval.models.llava import tiny_llava_next_dir
 
 SIZES = "train=6,valid=4,test=5"
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm():
-    return tiny_llava_next_dir(0)
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +25,6 @@ def synth_data(tmp_path_factory) -> Path:
     assert main(["prepare-data", "--out", str(out), "--datasets", "synth_textvqa",
                  "--synth-textvqa-sizes", SIZES]) == 0
     return out
-
-
-@pytest.fixture(scope="module")
-def vlm_svd(tiny_vlm, tmp_path_factory) -> str:
-    from t2eval.svd import decompose
-
-    out = tmp_path_factory.mktemp("vlm-svd") / "tiny-llava-next-mlp.safetensors"
-    decompose(tiny_vlm, "mlp", out=out)
-    return str(out)
 
 
 def _expert(svd_path: str, root: Path, kind: str) -> str:
@@ -121,7 +106,7 @@ def _hub_row(i: int, answers=None, image=None) -> dict:
             "set_name": "train"}
 
 
-def test_parquet_mirror_reader_and_textvqa_splits(tmp_path, monkeypatch):
+def test_parquet_mirror_reader_and_textvqa_splits(tiny_vlm, tmp_path, monkeypatch):
     from t2eval.data import vqa_data
     from t2eval.data.datasets import DATASETS, prepare_data
     from t2eval.data.splits import task_split
@@ -158,7 +143,7 @@ def test_parquet_mirror_reader_and_textvqa_splits(tmp_path, monkeypatch):
     from t2eval.evaluate import evaluate
 
     cell_path = tmp_path / "raw/tiny-llava-next/base/textvqa.json"
-    cell = evaluate(str(tiny_llava_next_dir(0)), "base", "textvqa", cell_path, data_dir=str(out), limit=2)
+    cell = evaluate(str(tiny_vlm), "base", "textvqa", cell_path, data_dir=str(out), limit=2)
     assert cell["metric"] == "vqa_acc" and cell["total"] == 2 and cell["provenance"]["config"]["task_options"] == {}
     assert all("OCR tokens" not in json.dumps(s["arguments"]) for s in _samples(cell_path))
     assert {"manifest.json", "textvqa/train", "textvqa/test"} <= set(cell["provenance"]["data"])  # data hashed

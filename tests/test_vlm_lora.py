@@ -13,12 +13,6 @@ import pytest
 import torch
 
 from test_vlm_rl import SynthVQA  # the same small image task (synth_textvqa rows, VQA reward)
-from t2eval.models.llava import tiny_llava_next_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_vlm():
-    return tiny_llava_next_dir(0)
 
 
 def _cfg(tiny_vlm, out, **kw):

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import per_sample_pg
 from t2eval.data.synth_textvqa import generate_item
 from t2eval.errors import T2EvalError
-from t2eval.models.llava import IMAGE_TOKEN, tiny_llava_next_dir
+from t2eval.models.llava import IMAGE_TOKEN
 from t2eval.tasks import vqa
 
 
@@ -48,25 +49,11 @@ class SynthVQA:
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm():
-    return tiny_llava_next_dir(0)
-
-
-@pytest.fixture(scope="module")
-def svd_path(tiny_vlm, tmp_path_factory):
-    from t2eval.svd import decompose
-
-    out = tmp_path_factory.mktemp("svd") / "tiny-vlm-mlp.safetensors"
-    decompose(tiny_vlm, "mlp", out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_vlm, svd_path):
+def loaded(tiny_vlm, vlm_svd):
     from t2eval.models.loading import load_model, load_processor
     from t2eval.svd import load_svd
 
-    return load_model(str(tiny_vlm)), load_processor(str(tiny_vlm)), load_svd(svd_path)
+    return load_model(str(tiny_vlm)), load_processor(str(tiny_vlm)), load_svd(vlm_svd)
 
 
 # deliberately different prompt lengths (and images of different sizes: 70-88 image tokens, 2 or 5 patches),
@@ -118,8 +105,6 @@ def test_image_tokens_expand_as_the_processor_does(loaded):
 
 @pytest.mark.parametrize("max_pad_frac", [1.0, 0.0])  # padded micro-batches of 3 / one sequence each
 def test_batched_pg_step_with_images_equals_per_sample_loop(loaded, monkeypatch, max_pad_frac):
-    from torch.func import functional_call
-
     from t2eval import svf
     from t2eval.train import losses
     from t2eval.train.reinforce import svf_policy_gradient
@@ -136,21 +121,10 @@ def test_batched_pg_step_with_images_equals_per_sample_loop(loaded, monkeypatch,
 
     # reference: per sample, unpadded, the processor's own inputs, plain autograd end to end
     z = {n: v.clone().requires_grad_(True) for n, v in z0.items()}
-    total = torch.zeros(sum(v.numel() for v in z.values()))
-    pg = 0.0
-    for prompt, img, c, r in zip(prompts, _images(), c_ids, rewards):
-        if not c:
-            continue
-        ref = processor(text=prompt, images=[img], return_tensors="pt")
-        p = ref["input_ids"][0].tolist()
-        W = svf.functional_weights(z, svd, "code")
-        kw = {"input_ids": torch.tensor([p + c]), "pixel_values": ref["pixel_values"], "image_sizes": ref["image_sizes"]}
-        logits = functional_call(model, W, args=(), kwargs=kw).logits[0, len(p) - 1:-1]
-        ll = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None]).sum()
-        loss = -ll * r / len(rewards)
-        grads = torch.autograd.grad(loss, list(z.values()))
-        total += torch.cat([g.reshape(-1) for g in grads])
-        pg += float(loss.detach())
+    refs = [processor(text=prompt, images=[img], return_tensors="pt") for prompt, img in zip(prompts, _images())]
+    samples = [(ref["input_ids"][0].tolist(), c, r, {"pixel_values": ref["pixel_values"], "image_sizes": ref["image_sizes"]})
+               for ref, c, r in zip(refs, c_ids, rewards)]
+    total, pg = per_sample_pg(model, svd, z, samples, len(rewards))
     assert torch.linalg.norm(total) > 0
     assert _rel(g_batched, total) <= 1e-6, _rel(g_batched, total)
     assert stats["pg_loss"] == pytest.approx(pg, rel=1e-6)
@@ -270,7 +244,7 @@ def test_doc_images_from_pil_path_or_bytes(tmp_path):
     assert open_image(doc_image(OwnLoader(), {"image": "a.png"})).tobytes() == ref.tobytes()
 
 
-def test_generation_with_images_batched_equals_one_by_one(loaded, svd_path):
+def test_generation_with_images_batched_equals_one_by_one(loaded, vlm_svd):
     from t2eval.backends import make_backend
 
     model, processor, svd = loaded
@@ -294,10 +268,10 @@ def test_generation_with_images_batched_equals_one_by_one(loaded, svd_path):
 
 
 # ------------------------------------------------------------------------------------------ the learner
-def _cfg(tiny_vlm, svd_path, out, **kw):
+def _cfg(tiny_vlm, vlm_svd, out, **kw):
     from t2eval.train.reinforce import SVFTrainConfig
 
-    base = dict(model=str(tiny_vlm), svd=str(svd_path), task="synth_vqa_test", out=str(out), iterations=2,
+    base = dict(model=str(tiny_vlm), svd=str(vlm_svd), task="synth_vqa_test", out=str(out), iterations=2,
                 batch_size=4, micro_batch=2, max_new_tokens=3, eval_every=1, eval_splits=("valid",), lr=0.5,
                 grad_clip=1.0, seed=1, progress=False)
     base.update(kw)
@@ -308,11 +282,11 @@ def _ckpt_z(out):
     return torch.load(Path(out) / "checkpoints" / "latest.pt", weights_only=False)["z"]
 
 
-def test_constant_z_keeps_logits_with_an_image_and_generation_restores_bit_exactly(tiny_vlm, svd_path, tmp_path):
+def test_constant_z_keeps_logits_with_an_image_and_generation_restores_bit_exactly(tiny_vlm, vlm_svd, tmp_path):
     from t2eval import svf
     from t2eval.train.reinforce import SVFLearner
 
-    learner = SVFLearner(_cfg(tiny_vlm, svd_path, tmp_path))
+    learner = SVFLearner(_cfg(tiny_vlm, vlm_svd, tmp_path))
     model, processor = learner.model, learner.processor
     _, p_ids, c_ids, seqs = _batch(processor, model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -335,11 +309,11 @@ def test_constant_z_keeps_logits_with_an_image_and_generation_restores_bit_exact
         assert torch.equal(model(**kw).logits, base)
 
 
-def test_training_changes_only_z_never_the_vision_tower_or_projector(tiny_vlm, svd_path, tmp_path):
+def test_training_changes_only_z_never_the_vision_tower_or_projector(tiny_vlm, vlm_svd, tmp_path):
     from t2eval.train import loop
     from t2eval.train.reinforce import SVFLearner
 
-    cfg = _cfg(tiny_vlm, svd_path, tmp_path, iterations=1)
+    cfg = _cfg(tiny_vlm, vlm_svd, tmp_path, iterations=1)
     torch.manual_seed(cfg.seed)
     learner = SVFLearner(cfg)
     model = learner.model
@@ -375,13 +349,13 @@ def test_svd_outside_the_language_model_and_text_models_are_refused(tiny_vlm, tm
         train_svf(_cfg(text, svd, tmp_path / "b"), task=SynthVQA())
 
 
-def test_two_iterations_interrupted_and_resumed_give_the_same_z(tiny_vlm, svd_path, tmp_path):
+def test_two_iterations_interrupted_and_resumed_give_the_same_z(tiny_vlm, vlm_svd, tmp_path):
     from t2eval.svf import ExpertVector
     from t2eval.train.reinforce import train_svf
 
-    full = train_svf(_cfg(tiny_vlm, svd_path, tmp_path / "full"), task=SynthVQA())
+    full = train_svf(_cfg(tiny_vlm, vlm_svd, tmp_path / "full"), task=SynthVQA())
     assert full["finished"] and full["iterations_done"] == 2
-    cfg = _cfg(tiny_vlm, svd_path, tmp_path / "resumed", stop_after=1)
+    cfg = _cfg(tiny_vlm, vlm_svd, tmp_path / "resumed", stop_after=1)
     first = train_svf(cfg, task=SynthVQA())
     assert not first["finished"]
     cfg.stop_after = None
@@ -397,5 +371,5 @@ def test_two_iterations_interrupted_and_resumed_give_the_same_z(tiny_vlm, svd_pa
     from t2eval.svd import load_svd
     from t2eval.svf import init_z
 
-    z_init = init_z(load_svd(svd_path), seed=1)
+    z_init = init_z(load_svd(vlm_svd), seed=1)
     assert any(not torch.equal(a[n], z_init[n]) for n in a)  # two steps did move z
