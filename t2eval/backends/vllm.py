@@ -253,7 +253,7 @@ def _state(llm) -> dict:
 
 def _driver_state(llm, svd_path: str, model_dir: str | None) -> dict:
     from ..svd import load_svd
-    from .vllm_worker import checkpoint_names, read_checkpoint, sibling_names
+    from .vllm_worker import base_tensors
 
     top = _state(llm)
     st = top["reload"]
@@ -261,11 +261,9 @@ def _driver_state(llm, svd_path: str, model_dir: str | None) -> dict:
         mdir = model_dir or llm.llm_engine.vllm_config.model_config.model
         cache = load_svd(svd_path, verify_weights=False)
         packed = _rpc(llm, "t2_packed_modules")[0]
-        to_ckpt = checkpoint_names(mdir, cache.names)  # module name -> stored name
-        stored = list(to_ckpt.values())
-        sib = sibling_names(stored, packed)
+        to_ckpt, _, base = base_tensors(mdir, cache.names, packed)
         st = top["reload"] = {"svd_path": str(svd_path), "cache": cache, "packed": packed, "to_ckpt": to_ckpt,
-                              "base": read_checkpoint(mdir, stored + sib), "patched": set()}
+                              "base": base, "patched": set()}
     return st
 
 

@@ -108,6 +108,16 @@ def reload_names(touched: Iterable[str], to_ckpt: Mapping[str, str],
     return [(s, stored.get(s)) for s in reload_order(set(stored) | set(sib))]
 
 
+def base_tensors(model_dir: str | Path, names: Iterable[str], packed: Mapping[str, list[str]] | None = None
+                 ) -> tuple[dict[str, str], list[str], dict]:
+    """What a swapper keeps to restore the base exactly: ({module name: stored name}, the stored names of
+    the untouched fused sibling shards, the checkpoint tensors of both keyed by stored names)."""
+    to_ckpt = checkpoint_names(model_dir, names)
+    stored = list(to_ckpt.values())
+    sib = sibling_names(stored, packed)
+    return to_ckpt, sib, read_checkpoint(model_dir, stored + sib)
+
+
 def reload_order(names: Iterable[str]) -> list[str]:
     """Layer by layer (numbers compared as numbers), so fused layers complete one after another."""
     from ..svd import ordered_names
@@ -192,10 +202,7 @@ def load_svd(worker, svd_path: str, model_dir: str | None = None) -> dict:
     device = getattr(worker.model_runner, "device", torch.device("cpu"))
     cache = _load_svd(svd_path, device="cpu", verify_weights=False)
     names = list(cache.names)  # module names
-    to_ckpt = checkpoint_names(mdir, names)
-    stored = [to_ckpt[n] for n in names]
-    sib = sibling_names(stored, packed_modules(worker))
-    base = read_checkpoint(mdir, stored + sib)  # keyed by stored names
+    to_ckpt, sib, base = base_tensors(mdir, names, packed_modules(worker))
     factors = {n: tuple(t.to(device) for t in cache.usv(n)) for n in names}
     dtype = worker.vllm_config.model_config.dtype
     summary = {"svd_path": str(svd_path), "model_dir": str(mdir), "n_matrices": len(names),

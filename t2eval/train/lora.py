@@ -121,11 +121,9 @@ class LoRALearner:
         from ..svd import model_layout
 
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.model)
         base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         self.processor, self.image_encoder = loop.vision_inputs(cfg, base)
-        if self.processor is not None:
-            self.tokenizer = self.processor.tokenizer
+        self.tokenizer = self.processor.tokenizer if self.processor is not None else load_tokenizer(cfg.model)
         prefix = model_layout(resolve_model_dir(cfg.model))["language_prefix"] if self.processor is not None else ""
         self.model = lora_model(base, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.seed, language_prefix=prefix)
         self._params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}

@@ -113,15 +113,14 @@ class SVFLearner:
         model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
         for p in model.parameters():
             p.requires_grad_(False)
-        self.tokenizer = load_tokenizer(cfg.model)
         self.svd = load_svd(cfg.svd, expect_model=cfg.model, device=cfg.device)
-        missing = [n for n in self.svd.names if n not in dict(model.named_parameters())]
+        params = dict(model.named_parameters())
+        missing = [n for n in self.svd.names if n not in params]
         if missing:
             raise T2EvalError(f"SVD cache {cfg.svd} names {missing[0]} which {cfg.model} does not have: "
                               "decompose this model (t2eval decompose)")
         self.processor, self.image_encoder = vision_inputs(cfg, model, self.svd)
-        if self.processor is not None:
-            self.tokenizer = self.processor.tokenizer
+        self.tokenizer = self.processor.tokenizer if self.processor is not None else load_tokenizer(cfg.model)
         self.model = model
         self.policy = svf.SVFModule(model, self.svd, svf.init_z(self.svd, cfg.seed), param=cfg.param,
                                     precision=cfg.svf_precision)
